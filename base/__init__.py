@@ -1,0 +1,1 @@
+"""CodeGPT's foundation: the model, tokenizer, recipes, checkpoints, data, training loop and generation."""

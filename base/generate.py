@@ -1,0 +1,248 @@
+"""Sampling text from a CodeGPT model with a KV cache.
+
+`stream()` yields (row, text) pieces as they are decoded, for a batch of prompts at once;
+`generate()` collects them. Options: temperature (0 = greedy), top-k, top-p, stop strings,
+max new tokens, seed. Text is released only once it cannot be the start of a stop string, and
+a character split across tokens is held back until complete, so the pieces of a row joined are
+exactly its final completion.
+
+    python -m base.generate checkpoints/pretrain-tiny/final --prompt "def fib(n):" --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import torch
+
+from base.errors import UserError, cli_entry
+from base.model import GPT
+from base.tokenizer import Tokenizer
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def check(self) -> None:
+        """UserError naming the first bad option."""
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UserError(f"top_k must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (B, V): argmax at temperature 0, else a draw from the
+    temperature-scaled distribution cut to the top-k and the top-p nucleus."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class _RowText:
+    """The decoded text of one row, released only when no stop string can still begin in it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = stop
+        self.pending = ""
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        self.pending += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.done = self.pending[: min(hits)], "", True
+            return out
+        hold = 0 if final else max(
+            (k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+             if self.pending.endswith(s[:k])),
+            default=0,
+        )
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        self.done = self.done or final
+        return out
+
+
+def _banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
+    """Ids the model can score but the tokenizer cannot decode: the padding rows and gaps."""
+    banned = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
+    valid = [i for i in range(min(model.config.vocab_size, tokenizer.vocab_size)) if tokenizer.is_valid(i)]
+    banned[torch.tensor(valid, device=device)] = False
+    return banned
+
+
+@torch.no_grad()
+def _token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned: torch.Tensor,
+                 start_id: int) -> Iterator[list[int]]:
+    """Yield the next token of every row, forever (the caller stops). Prompts are left-padded to
+    one length; when the context fills, the cache is rebuilt from the last 3/4 of it."""
+    device = banned.device
+    block = model.config.block_size
+    generator = torch.Generator(device=device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()
+    prompts = [p[-(block - 1):] if p else [] for p in prompts]
+    width = max(1, max(len(p) for p in prompts))
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, ids in enumerate(prompts):
+        if ids:
+            tokens[row, width - len(ids):] = torch.tensor(ids, device=device)
+            valid[row, width - len(ids):] = True
+        else:  # an empty prompt starts from <|endoftext|>, as a document would
+            tokens[row, -1] = start_id
+            valid[row, -1] = True
+    cache = model.new_cache(len(prompts))
+    logits = model(tokens, cache=cache, valid=valid)[:, -1]
+    while True:
+        next_ids = sample_next(logits.masked_fill(banned, float("-inf")), sampling, generator)
+        yield next_ids.tolist()
+        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        valid = torch.cat([valid, valid.new_ones(len(prompts), 1)], dim=1)
+        if cache.length == cache.max_len:
+            keep = block * 3 // 4
+            tokens, valid = tokens[:, -keep:], valid[:, -keep:]
+            cache = model.new_cache(len(prompts))
+            logits = model(tokens, cache=cache, valid=valid)[:, -1]
+        else:
+            logits = model(next_ids[:, None], cache=cache)[:, -1]
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling) -> Iterator[tuple[int, str]]:
+    """Yield (row, text) pieces of each prompt's completion as they are decoded. A row ends at
+    <|endoftext|>, a stop string (not included) or max_new_tokens."""
+    sampling.check()
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.transformer.wte.weight.device
+        rows = [_RowText(tokenizer, sampling.stop) for _ in prompts]
+        steps = _token_steps(model, [tokenizer.encode(p) for p in prompts], sampling,
+                             _banned_ids(model, tokenizer, device), tokenizer.eot_id)
+        for _, next_ids in zip(range(sampling.max_new_tokens), steps):
+            for row, token_id in enumerate(next_ids):
+                if rows[row].done:
+                    continue
+                piece = rows[row].finish() if token_id == tokenizer.eot_id else rows[row].push(token_id)
+                if piece:
+                    yield row, piece
+            if all(r.done for r in rows):
+                break
+        steps.close()
+        for row, text in enumerate(rows):
+            if not text.done and (piece := text.finish()):
+                yield row, piece
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling) -> list[str]:
+    """The completion of each prompt (without the prompt)."""
+    completions = [""] * len(prompts)
+    for row, piece in stream(model, tokenizer, prompts, sampling):
+        completions[row] += piece
+    return completions
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); \\n escapes work")
+    group.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    stop = [s.encode().decode("unicode_escape") for s in args.stop]
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop, args.seed)
+    sampling.check()
+    return sampling
+
+
+def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling, out=sys.stdout) -> list[str]:
+    """Stream each prompt and its completion to `out`, one prompt after the other."""
+    completions = []
+    for i, prompt in enumerate(prompts):
+        out.write(prompt)
+        text = ""
+        # Each sample of a seeded run gets its own seed, so repeated prompts give different samples.
+        seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
+        for _, piece in stream(model, tokenizer, [prompt], seeded):
+            out.write(piece)
+            out.flush()
+            text += piece
+        out.write("\n" + "-" * 40 + "\n")
+        completions.append(text)
+    return completions
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.file:
+        try:
+            with open(args.file) as f:
+                return [f.read()]
+        except OSError as err:
+            raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
+    return [args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt]
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import PartialState
+
+    from base.checkpoint import load_any
+
+    parser = argparse.ArgumentParser(description="Sample from a CodeGPT model (ours, nanoGPT .pt or HF GPT-2).")
+    parser.add_argument("model", help="checkpoint directory or file")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="def ", help="prompt text")
+    source.add_argument("--file", help="read the prompt from this file")
+    parser.add_argument("--escapes", action="store_true", help="interpret \\n and \\t in --prompt")
+    parser.add_argument("--num-samples", type=int, default=1)
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+    sampling = sampling_from_args(args)
+    model = load_any(args.model, device=PartialState().device)
+    print_stream(model, Tokenizer(), read_prompts(args) * args.num_samples, sampling)
+
+
+if __name__ == "__main__":
+    main()

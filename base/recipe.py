@@ -1,0 +1,112 @@
+"""The pretraining recipe: the sections of `recipes/pretrain-*.yaml` as typed dataclasses.
+
+`model` is the architecture (`GPTConfig`), `data` the corpus and its token shards, `train` the
+optimisation schedule, `log` where metrics go. Fine-tuning recipes reuse these sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from base.config import InvalidValue
+from base.model import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    """Which documents to train on and where their token shards live."""
+
+    # codeparrot: codeparrot/codeparrot-clean streamed from the Hub; local: .py files under
+    # `paths` (default: this Python's standard library); files: jsonl/parquet with `content`.
+    source: Literal["codeparrot", "local", "files"] = "codeparrot"
+    paths: list[str] = field(default_factory=list)
+    shard_dir: str = "data/shards/codeparrot"
+    val_fraction: float = 0.005
+    max_docs: int | None = None
+    max_tokens: int | None = None
+    num_workers: int | None = None  # tokenizer processes; None = every core
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InvalidValue("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_docs", "max_tokens", "num_workers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidValue(name, f"must be positive, got {value}")
+        if self.source == "files" and not self.paths:
+            raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation schedule. Defaults are the seed's run (one A100)."""
+
+    batch_tokens: int = 2**19  # tokens per optimizer step, reached by gradient accumulation
+    micro_batch_size: int = 16  # sequences per forward pass on each process
+    max_steps: int = 5912
+    warmup_steps: int = 222
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: what `accelerate launch` says
+    compile: bool = False
+    seed: int = 1337
+    eval_interval: int = 250
+    eval_tokens: int = 2**20  # validation tokens per evaluation (a fixed sample)
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_tokens", "micro_batch_size", "max_steps", "eval_interval", "eval_tokens",
+                     "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise InvalidValue(name, f"must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise InvalidValue("warmup_steps", f"must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.lr <= 0:
+            raise InvalidValue("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise InvalidValue("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise InvalidValue("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InvalidValue(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise InvalidValue("grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    wandb_project: str = "codegpt"
+    run_name: str | None = None
+    log_interval: int = 10
+
+    def validate(self) -> None:
+        if self.log_interval <= 0:
+            raise InvalidValue("log_interval", f"must be positive, got {self.log_interval}")
+
+
+@dataclass
+class PretrainRecipe:
+    out_dir: str = "checkpoints/pretrain-70m"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        tokens_per_micro_batch = self.train.micro_batch_size * self.model.block_size
+        if self.train.batch_tokens % tokens_per_micro_batch:
+            raise InvalidValue(
+                "train.batch_tokens",
+                f"{self.train.batch_tokens} is not a multiple of micro_batch_size x block_size "
+                f"= {self.train.micro_batch_size} x {self.model.block_size} = {tokens_per_micro_batch}",
+            )

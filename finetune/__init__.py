@@ -1,0 +1,1 @@
+"""Turning a base model into task models: LoRA, supervised fine-tuning, merging, sampling."""
