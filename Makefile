@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` (the pipeline end to end on the embedded default
+# corpus) and `make test` (the suite). Each creates or refreshes .venv and is idempotent.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# PyTorch's CPU-only wheels; a plain `pip install torch` on Linux pulls a multi-GB CUDA build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_LOCAL ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean-demo
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet 'torch>=2.6'; \
+	else \
+		echo "no GPU: installing PyTorch's CPU build"; \
+		$(PY) -m pip install --quiet --no-index $(TORCH_CPU_LOCAL) 2>/dev/null \
+		|| $(PY) -m pip install --quiet 'torch>=2.6' --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
+
+demo: $(STAMP)
+	$(PY) -m base.demo
+
+bench: $(STAMP)
+	$(PY) bench/loss_memory.py

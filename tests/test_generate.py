@@ -1,0 +1,98 @@
+"""Generation: the KV cache gives the same greedy tokens as recomputing, batches equal single
+prompts, stop strings cut, streamed pieces equal the final text, sampling options behave."""
+
+import pytest
+import torch
+
+from base.errors import UserError
+from base.generate import Sampling, _banned_ids, generate, sample_next, stream
+from base.tokenizer import Tokenizer
+from conftest import tiny_config
+from base.model import GPT
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer()
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    # A real vocabulary, so that generated ids decode; weights far from init, so greedy text varies.
+    model = GPT(tiny_config(vocab_size=100_352, block_size=96, n_embd=32, n_head=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.5)
+    return model
+
+
+def greedy_by_recomputing(model, tokenizer, prompt, n):
+    ids = tokenizer.encode(prompt)
+    banned = _banned_ids(model, tokenizer, "cpu")
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[:, -1].masked_fill(banned, float("-inf"))
+            ids.append(logits.argmax(-1).item())
+            out.append(ids[-1])
+    return out
+
+
+def test_greedy_with_cache_equals_recomputing(model, tokenizer):
+    prompt = "def fibonacci(n):\n"
+    n = 96 - len(tokenizer.encode(prompt))
+    expected = tokenizer.decode(greedy_by_recomputing(model, tokenizer, prompt, n))
+    assert len(set(expected.split())) > 3  # the test is only as good as the text is varied
+    assert generate(model, tokenizer, [prompt], Sampling(max_new_tokens=n, temperature=0)) == [expected]
+
+
+def test_batch_of_prompts_equals_each_prompt_alone(model, tokenizer):
+    prompts = ["import os\n\nclass Config:\n", "x = 1", "def f():"]
+    sampling = Sampling(max_new_tokens=30, temperature=0)
+    assert generate(model, tokenizer, prompts, sampling) == [generate(model, tokenizer, [p], sampling)[0] for p in prompts]
+
+
+def test_generation_continues_past_the_context(model, tokenizer):
+    text = generate(model, tokenizer, ["def f():"], Sampling(max_new_tokens=200, temperature=0))[0]
+    assert len(tokenizer.encode(text)) >= 150
+
+
+def test_stop_strings_cut_and_streamed_pieces_equal_the_result(model, tokenizer):
+    free = generate(model, tokenizer, ["def f():"], Sampling(max_new_tokens=40, temperature=0))[0]
+    stop = free[20:23]
+    assert stop and stop in free
+    sampling = Sampling(max_new_tokens=40, temperature=0, stop=[stop, "never appears"])
+    pieces = [piece for _, piece in stream(model, tokenizer, ["def f():"], sampling)]
+    assert "".join(pieces) == free[: free.index(stop)]
+    assert len(pieces) > 1
+
+
+def test_seeded_sampling_is_reproducible(model, tokenizer):
+    sampling = Sampling(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    first = generate(model, tokenizer, ["a = ", "b = "], sampling)
+    assert first == generate(model, tokenizer, ["a = ", "b = "], sampling)
+    assert first != generate(model, tokenizer, ["a = ", "b = "], Sampling(**{**sampling.__dict__, "seed": 8}))
+
+
+def test_top_k_and_top_p_keep_only_the_head_of_the_distribution():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, Sampling(temperature=1.0, top_k=2), g).tolist()) == {0, 1}
+    assert set(sample_next(logits, Sampling(temperature=1.0, top_p=0.5), g).tolist()) == {0}
+    assert set(sample_next(logits, Sampling(temperature=1.0, top_p=0.99), g).tolist()) == {0, 1}
+    assert set(sample_next(logits, Sampling(temperature=0.0), g).tolist()) == {0}
+
+
+def test_padding_ids_are_never_sampled(model, tokenizer):
+    with torch.no_grad():
+        model.lm_head.weight[100_300:] += 5.0  # make the padding rows the most likely
+    text = generate(model, tokenizer, ["x"], Sampling(max_new_tokens=10, temperature=0))[0]
+    assert text and "\ufffd" not in text
+
+
+@pytest.mark.parametrize("bad,field", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                                       (dict(top_k=0), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")])
+def test_bad_options_name_the_option(model, tokenizer, bad, field):
+    with pytest.raises(UserError, match=field):
+        generate(model, tokenizer, ["x"], Sampling(**bad))
