@@ -89,25 +89,37 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def write_model_files(directory: Path, model: GPT, *, tokenizer: str = ENCODING, meta: dict | None = None) -> None:
+    """config.json and model.safetensors of `model` into an existing `directory`."""
+    config = unwrap(model).config
+    save_file(model_state(unwrap(model)), Path(directory) / WEIGHTS_FILE, metadata={"format": "pt"})
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(config),
+        "tokenizer": tokenizer,
+        "provenance": meta if meta is not None else provenance(),
+    }
+    atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
+
+
 def save_model(path: str | os.PathLike, model: GPT, *, tokenizer: str = ENCODING, meta: dict | None = None,
                extra: Callable[[Path], None] | None = None) -> Path:
     """Write `model` as a CodeGPT directory at `path`, atomically. `extra(tmp_dir)` may add files
     (training state, recipe) that must appear together with the weights."""
     path = Path(path)
-    config = unwrap(model).config
     with atomic_directory(path) as tmp:
-        save_file(model_state(unwrap(model)), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        document = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": dataclasses.asdict(config),
-            "tokenizer": tokenizer,
-            "provenance": meta if meta is not None else provenance(),
-        }
-        atomic_write_text(tmp / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
+        write_model_files(tmp, model, tokenizer=tokenizer, meta=meta)
         if extra is not None:
             extra(tmp)
     return path
+
+
+def read_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load the model.safetensors of a CodeGPT directory into `model` in place (exact keys)."""
+    state = _load_safetensors(Path(path) / WEIGHTS_FILE)
+    state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
+    unwrap(model).load_state_dict(state)
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -262,3 +262,19 @@ def to_dict(recipe: Any) -> dict:
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:
     """Write the recipe actually used (defaults and overrides applied) as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+def split_cli_args(args: Sequence[str], usage: str) -> tuple[str | None, list[str]]:
+    """`[recipe.yaml] [section.key=value ...]` -> (recipe path or None, overrides)."""
+    if any(a in ("-h", "--help") for a in args):
+        print(usage)
+        raise SystemExit(0)
+    recipe, overrides = None, []
+    for arg in args:
+        if "=" in arg:
+            overrides.append(arg)
+        elif recipe is None and not arg.startswith("-"):
+            recipe = arg
+        else:
+            raise UserError(f"{COMMAND_LINE}: unexpected argument {arg!r}\n{usage}")
+    return recipe, overrides

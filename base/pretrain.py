@@ -1,0 +1,81 @@
+"""Pretrain CodeGPT from scratch with the seed's schedule.
+
+    accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]
+
+With no recipe it runs recipes/pretrain-70m.yaml, the seed's run on CodeParrot for one A100.
+Token shards are built on first use (see base/data.py); a run directory that holds checkpoints
+is resumed from the newest one unless `train.resume=false`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from base.config import load_recipe, split_cli_args
+from base.data import ensure_shards
+from base.errors import UserError, cli_entry
+from base.loader import BatchLoader
+from base.model import GPT
+from base.recipe import PretrainRecipe
+from base.tokenizer import Tokenizer
+from base.train import Trainer, make_accelerator
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain-70m.yaml"
+USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]"
+
+
+def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
+    """The same `eval_tokens` of the validation split at every evaluation, split across ranks."""
+    train, block = recipe.train, recipe.model.block_size
+    batches_per_rank = max(1, train.eval_tokens // (train.micro_batch_size * block * world_size))
+
+    def batches():
+        loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size,
+                             seed=train.seed, shuffle=False)
+        available = loader.num_windows // (train.micro_batch_size * world_size)
+        if available == 0:
+            raise UserError(f"data.val_fraction: the validation split has {loader.num_windows} windows of "
+                            f"{block + 1} tokens, fewer than one batch of {train.micro_batch_size} per process")
+        for _ in range(min(batches_per_rank, available)):
+            yield loader.next_batch()
+
+    return batches
+
+
+def pretrain(recipe: PretrainRecipe) -> dict:
+    accelerator = make_accelerator(recipe.train)
+    tokenizer = Tokenizer()
+    if recipe.model.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size: {recipe.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} ids")
+    with accelerator.main_process_first():
+        shard_dir = ensure_shards(recipe.data, tokenizer)
+    torch.manual_seed(recipe.train.seed)
+    model = GPT(recipe.model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_batches = BatchLoader(str(shard_dir), "train", recipe.model.block_size, recipe.train.micro_batch_size,
+                                rank, world, seed=recipe.train.seed)
+    trainer = Trainer(model=model, train_batches=train_batches,
+                      val_batches=validation_batches(shard_dir, recipe, rank, world),
+                      train=recipe.train, log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator,
+                      recipe=recipe, block_size=recipe.model.block_size)
+    last = trainer.run()
+    if accelerator.is_main_process and "val_loss" in last:
+        print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity "
+              f"{math.exp(last['val_loss']):.2f}); model in {Path(recipe.out_dir) / 'final'}")
+    accelerator.end_training()
+    return last
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
+    pretrain(load_recipe(PretrainRecipe, path or DEFAULT_RECIPE, overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+One optimizer step = `accumulation` micro-batches on every process, reaching the recipe's batch
+in tokens. AdamW with decay on matrices only, linear warmup then cosine to `min_lr`, gradient
+clipping, mixed precision and DDP through Accelerate, periodic validation, checkpoints that
+resume exactly (weights, optimizer, step, RNG states, data cursor), metrics to
+`metrics.jsonl`, wandb and PNG plots.
+
+Callers supply the model, a training batch source (`next_batch()`, `state_dict()`,
+`load_state_dict()`, per rank) and a function that yields this rank's validation batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from base.checkpoint import provenance, read_model_weights, unwrap, write_model_files
+from base.config import dump_recipe
+from base.errors import UserError
+from base.fileio import atomic_directory, atomic_write_text, recover
+from base.metrics import MetricsLog
+from base.recipe import LogConfig, TrainConfig
+
+STATE_FILE = "training_state.pt"
+TRAINER_FILE = "trainer.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def make_accelerator(train: TrainConfig) -> Accelerator:
+    """An Accelerator whose precision is the recipe's, or the launcher's when the recipe says
+    `auto` (bf16 on a GPU that has it, fp32 elsewhere: bf16 matmuls crawl on most CPUs)."""
+    precision = train.mixed_precision
+    if precision == "auto":
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher != "no":
+            precision = launcher
+        elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            precision = "bf16"
+        else:
+            precision = "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise; CPU training wants
+        # every core, shared among the processes on this machine.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = int(os.environ.get("CODEGPT_THREADS", 0)) or max(1, cores // accelerator.num_processes)
+        torch.set_num_threads(threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def accumulation_steps(train: TrainConfig, block_size: int, world_size: int) -> int:
+    per_step = train.micro_batch_size * block_size * world_size
+    if train.batch_tokens % per_step:
+        raise UserError(f"train.batch_tokens: {train.batch_tokens} is not a multiple of micro_batch_size x "
+                        f"block_size x processes = {train.micro_batch_size} x {block_size} x {world_size} = {per_step}")
+    return train.batch_tokens // per_step
+
+
+def learning_rate(step: int, train: TrainConfig) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.max_steps <= train.warmup_steps:
+        return train.min_lr
+    progress = min(1.0, (step - train.warmup_steps) / (train.max_steps - train.warmup_steps))
+    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
+                             fused=device.type == "cuda")
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete step checkpoints in `out_dir`, oldest first."""
+    if not out_dir.is_dir():
+        return []
+    for path in out_dir.iterdir():
+        if path.name.endswith(".old") and STEP_DIR.match(path.name[:-4]):
+            recover(out_dir / path.name[:-4])
+    steps = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(steps)]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module
+    train_batches: BatchSource
+    val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    train: TrainConfig
+    log: LogConfig
+    out_dir: Path
+    accelerator: Accelerator
+    recipe: object  # written to the run directory as the recipe used
+    block_size: int
+    # How a checkpoint holds the weights: the whole model by default; a LoRA run writes its adapter.
+    write_weights: Callable[[Path, torch.nn.Module, dict], None] = lambda d, m, meta: write_model_files(d, m, meta=meta)
+    read_weights: Callable[[Path, torch.nn.Module], None] = read_model_weights
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        acc = self.accelerator
+        self.accumulation = accumulation_steps(self.train, self.block_size, acc.num_processes)
+        _seed_everything(self.train.seed + acc.process_index)
+        raw_model = self.model
+        self.optimizer = make_optimizer(raw_model, self.train, acc.device)
+        if self.train.compile:
+            self.model = torch.compile(self.model)
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsLog(self.out_dir, enabled=acc.is_main_process)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in out_dir, if any."""
+        candidates = checkpoint_dirs(self.out_dir)
+        if not candidates:
+            return False
+        path = candidates[-1]
+        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        self.read_weights(path, unwrap(self.model))
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        if len(rng) == self.accelerator.num_processes:
+            _set_rng_state(rng[self.accelerator.process_index])
+        else:  # another world size: exact per-rank streams cannot carry over; reseed deterministically
+            _seed_everything(self.train.seed + self.accelerator.process_index + trainer_state["step"])
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.train_batches.load_state_dict(trainer_state["data"])
+        self.metrics.truncate_after(self.step)
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """out_dir/step-NNNNNN (weights + training state), the newest `keep_checkpoints` kept;
+        at the end also out_dir/final (weights only)."""
+        acc = self.accelerator
+        rng = gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]
+        if acc.is_main_process:
+            model = unwrap(self.model)
+            meta = provenance(step=self.step, tokens_seen=self.tokens_seen, run=str(self.out_dir))
+            trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                             "data": self.train_batches.state_dict(), "world_size": acc.num_processes}
+            with atomic_directory(self.out_dir / f"step-{self.step:06d}") as tmp:
+                self.write_weights(tmp, model, meta)
+                torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, tmp / STATE_FILE)
+                atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer_state, indent=2) + "\n")
+            for old in checkpoint_dirs(self.out_dir)[: -self.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            if final:
+                with atomic_directory(self.out_dir / "final") as tmp:
+                    self.write_weights(tmp, model, meta)
+            self.metrics.plot()
+        acc.wait_for_everyone()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.accelerator.device)
+        count = torch.zeros((), device=self.accelerator.device)
+        for x, y in self.val_batches():
+            with self.accelerator.autocast():
+                total += self.model(x.to(self.accelerator.device), y.to(self.accelerator.device)).float()
+            count += 1
+        self.model.train()
+        total, count = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(count, "sum")
+        if count.item() == 0:
+            raise UserError("validation split has no batch: lower train.micro_batch_size or add data")
+        return (total / count).item()
+
+    def run(self) -> dict:
+        acc, train = self.accelerator, self.train
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_recipe(self.recipe, self.out_dir / "recipe.yaml")
+            atomic_write_text(self.out_dir / "run.json", json.dumps(
+                provenance(processes=acc.num_processes, device=str(acc.device), mixed_precision=acc.mixed_precision,
+                           accumulation=self.accumulation, threads=torch.get_num_threads()), indent=2) + "\n")
+        if train.resume:
+            self.resume()
+        self.metrics.start_wandb(self.log, self.recipe, resume=self.step > 0)
+        tokens_per_step = self.accumulation * train.micro_batch_size * self.block_size * acc.num_processes
+        acc.print(f"{unwrap(self.model).num_params():,} parameters | {acc.num_processes} process(es) "
+                  f"on {acc.device} | {self.accumulation} micro-batches of {train.micro_batch_size}x{self.block_size} "
+                  f"per step = {tokens_per_step:,} tokens | precision {acc.mixed_precision}")
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process,
+                   dynamic_ncols=True, unit="step")
+        self.model.train()
+        last = {}
+        while self.step < train.max_steps:
+            started = time.perf_counter()
+            lr = learning_rate(self.step, train)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=acc.device)
+            for micro in range(self.accumulation):
+                x, y = self.train_batches.next_batch()
+                x, y = x.to(acc.device), y.to(acc.device)
+                # DDP needs to all-reduce gradients only once per optimizer step.
+                sync = micro == self.accumulation - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    with acc.autocast():
+                        loss = self.model(x, y)
+                    acc.backward(loss / self.accumulation)
+                loss_sum += loss.detach().float()
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            loss_mean = acc.reduce(loss_sum / self.accumulation, "mean").item()
+            elapsed = time.perf_counter() - started
+            last = {"step": self.step, "loss": loss_mean, "lr": lr, "tokens": self.tokens_seen,
+                    "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            if self.step % self.log.log_interval == 0 or self.step == 1 or self.step == train.max_steps:
+                self.metrics.log(last)
+            bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+            bar.update(1)
+            if self.step % train.eval_interval == 0 or self.step == train.max_steps:
+                val = self.evaluate()
+                self.metrics.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                                  "tokens": self.tokens_seen})
+                last["val_loss"] = val
+                bar.write(f"step {self.step}: train loss {loss_mean:.4f}, val loss {val:.4f}, "
+                          f"val ppl {math.exp(min(val, 50.0)):.2f}")
+            if self.step % train.checkpoint_interval == 0 or self.step == train.max_steps:
+                self.save_checkpoint(final=self.step == train.max_steps)
+        bar.close()
+        self.metrics.finish()
+        return last
