@@ -1,0 +1,108 @@
+"""The training loop's pieces: the seed's schedule, weight-decay groups, batch arithmetic, and a
+loop that resumes to the same bits (in-process, on an in-memory batch source)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.errors import UserError
+from base.model import GPT
+from base.recipe import LogConfig, PretrainRecipe, TrainConfig
+from base.train import Trainer, accumulation_steps, checkpoint_dirs, learning_rate, make_accelerator, make_optimizer
+from conftest import tiny_config
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
+    seed = TrainConfig()  # the seed's run
+    assert learning_rate(0, seed) == pytest.approx(6e-4 / 222)
+    assert learning_rate(221, seed) == pytest.approx(6e-4)
+    assert learning_rate(222, seed) == pytest.approx(6e-4)
+    midpoint = 222 + (5912 - 222) // 2
+    assert learning_rate(midpoint, seed) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert learning_rate(5912, seed) == pytest.approx(6e-5)
+    values = [learning_rate(s, seed) for s in range(222, 5913)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(tiny_config())
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.01), torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_accumulation_follows_batch_tokens_and_world_size():
+    seed = TrainConfig()
+    assert accumulation_steps(seed, 1024, 1) == 32
+    assert accumulation_steps(seed, 1024, 8) == 4
+    with pytest.raises(UserError, match="train.batch_tokens: 524288 is not a multiple of .* x 3"):
+        accumulation_steps(seed, 1024, 3)
+
+
+class ListBatches:
+    """Windows of a fixed random token table, in order, with a saveable cursor."""
+
+    def __init__(self, seed, rows=64, block=32, batch=4):
+        self.table = torch.randint(0, 512, (rows, block + 1), generator=torch.Generator().manual_seed(seed))
+        self.cursor, self.batch = 0, batch
+
+    def next_batch(self):
+        rows = self.table[torch.arange(self.cursor, self.cursor + self.batch) % len(self.table)]
+        self.cursor += self.batch
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def run_loop(out_dir: Path, max_steps=8):
+    train = TrainConfig(batch_tokens=256, micro_batch_size=4, max_steps=max_steps, warmup_steps=2, lr=3e-3,
+                        min_lr=3e-4, eval_interval=4, eval_tokens=256, checkpoint_interval=3, keep_checkpoints=2)
+    recipe = PretrainRecipe(out_dir=str(out_dir), model=tiny_config(dropout=0.1), train=train,
+                            log=LogConfig(wandb="disabled", log_interval=1))
+    torch.manual_seed(0)
+    val = ListBatches(seed=1, rows=8)
+    trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
+                      recipe.log, out_dir, make_accelerator(train), recipe, block_size=32)
+    return trainer.run()
+
+
+def losses(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
+    whole = tmp_path / "whole"
+    last = run_loop(whole)
+    assert last["step"] == 8 and math.isfinite(last["val_loss"])
+    records = losses(whole)
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert train_losses[-1] < train_losses[0]
+    assert [p.name for p in checkpoint_dirs(whole)] == ["step-000006", "step-000008"]
+    for name in ("recipe.yaml", "run.json", "loss.png", "perplexity.png", "lr.png", "throughput.png", "final"):
+        assert (whole / name).exists(), name
+    assert json.loads((whole / "run.json").read_text())["git_commit"] is not None
+
+    # As if killed during step 8: the step-8 checkpoint, final/ and the step-8 metrics never happened.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "step-000008")
+    shutil.rmtree(cut / "final")
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 7))
+    run_loop(cut)
+    assert (cut / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+    assert [comparable(r) for r in losses(cut)] == [comparable(r) for r in records]
+
+
+def comparable(record):
+    """A metrics line without its timings."""
+    return {k: v for k, v in record.items() if k not in ("tokens_per_s", "step_s")}
