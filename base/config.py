@@ -252,6 +252,11 @@ def _describe(value: Any) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -53,8 +53,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: what `accelerate launch` says
-    compile: bool = False
+    # auto: the launcher's --mixed_precision if given, else bf16 on a GPU that has it, else fp32.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # auto: torch.compile on CUDA only; on CPU inductor gains nothing here and costs a minute.
+    compile: Literal["auto"] | bool = "auto"
     seed: int = 1337
     eval_interval: int = 250
     eval_tokens: int = 2**20  # validation tokens per evaluation (a fixed sample)

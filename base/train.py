@@ -152,7 +152,7 @@ class Trainer:
         _seed_everything(self.train.seed + acc.process_index)
         raw_model = self.model
         self.optimizer = make_optimizer(raw_model, self.train, acc.device)
-        if self.train.compile:
+        if self.train.compile is True or (self.train.compile == "auto" and acc.device.type == "cuda"):
             self.model = torch.compile(self.model)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.step = 0
