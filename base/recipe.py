@@ -55,7 +55,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # auto: the launcher's --mixed_precision if given, else bf16 on a GPU that has it, else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # auto: torch.compile on CUDA only; on CPU inductor gains nothing here and costs a minute.
+    # auto: torch.compile on CUDA only. On CPU compiling costs about a minute up front (worth it
+    # for long runs: bench/train_throughput.py measures the gain), so it is opt-in there.
     compile: Literal["auto"] | bool = "auto"
     seed: int = 1337
     eval_interval: int = 250
