@@ -214,7 +214,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache, valid)
         if targets is None:
             return self.lm_head(x)
-        return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk_size)
+        # A head that is not a plain linear layer (LoRA) says which (features, weight) it multiplies.
+        head_operands = getattr(self.lm_head, "as_linear_operands", lambda h: (h, self.lm_head.weight))
+        features, weight = head_operands(x.flatten(0, 1))
+        return chunked_cross_entropy(features, weight, targets.flatten(), self.loss_chunk_size)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.transformer.wte.weight
