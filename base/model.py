@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
             dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
             start, end = span
             cache.k[layer, :, :, start:end] = k
@@ -189,14 +189,19 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None):
-        """Final-LayerNorm outputs (B, T, n_embd) for token ids `idx` (B, T)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None):
+        """Final-LayerNorm outputs (B, T, n_embd) for token ids `idx` (B, T). `segments` (B, T)
+        numbers the examples packed into each row: attention stays inside an example and
+        positions restart at each one, so a packed row computes what separate rows would."""
         B, T = idx.shape
+        span = mask = None
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
-            span = mask = None
+            if segments is not None:
+                pos, mask = segment_positions_and_mask(segments)
         else:
             valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
             span = cache.append(valid)
@@ -208,10 +213,10 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None):
+                valid: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """With `targets` (B, T; -100 = no label): the mean cross-entropy over labelled positions.
         Without: logits (B, T, vocab) of the positions fed, optionally through `cache`."""
-        x = self.hidden_states(idx, cache, valid)
+        x = self.hidden_states(idx, cache, valid, segments)
         if targets is None:
             return self.lm_head(x)
         # A head that is not a plain linear layer (LoRA) says which (features, weight) it multiplies.
@@ -222,6 +227,19 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, weight.device, weight.dtype)
+
+
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions counted from each segment's start, and the (B, 1, T, T) causal mask that keeps
+    attention inside a segment."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values
+    causal = index[None, :, None] >= index[None, None, :]
+    same = segments[:, :, None] == segments[:, None, :]
+    return index - first, (causal & same)[:, None]
 
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -104,3 +104,13 @@ def test_left_padded_rows_equal_unpadded_rows(tiny_model):
 def test_sequence_longer_than_block_size_is_refused(tiny_model):
     with pytest.raises(ValueError, match="block_size"):
         tiny_model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_packed_examples_compute_what_separate_rows_compute(tiny_model):
+    a, b = torch.randint(0, 512, (1, 12)), torch.randint(0, 512, (1, 20))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.cat([torch.zeros(1, 12, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        together = tiny_model(packed, segments=segments)
+        torch.testing.assert_close(together[:, :12], tiny_model(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[:, 12:], tiny_model(b), atol=1e-5, rtol=1e-5)
