@@ -137,6 +137,8 @@ def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
     stdout = b"".join(out).decode("utf-8", errors="replace")
     stderr = b"".join(err).decode("utf-8", errors="replace")
     finished = stdout.rstrip().endswith(nonce)
+    if status is None and proc.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        status = "timeout"  # the CPU-time limit (the runner reports its child's signal as 128 + n)
     if status is None:
         status = "passed" if proc.returncode == 0 and finished else "failed"
     stdout = stdout.rstrip()[: -len(nonce)].rstrip("\n") if finished else stdout

@@ -1,0 +1,70 @@
+"""The sandbox survives hostile programs, reports each as a failure, and leaves the machine as it was."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import tasks.sandbox as sandbox
+from tasks.sandbox import Limits, run, run_many
+
+LIMITS = Limits(wall_seconds=3, cpu_seconds=3, memory_bytes=512 << 20, output_bytes=64 << 10)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hostile_programs(victim: Path) -> dict[str, str]:
+    return {
+        "infinite loop": "while True:\n    pass",
+        "sleep": "import time\ntime.sleep(60)",
+        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "memory hog": "blocks = []\nwhile True:\n    blocks.append(bytearray(100 << 20))",
+        "write outside": f"open({str(victim)!r}, 'w').write('pwned')\nopen({str(ROOT / 'PWNED')!r}, 'w').write('x')",
+        "delete outside": f"import shutil\nshutil.rmtree({str(victim.parent)!r})",
+        "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+        "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)",
+        "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)",
+        "sys.exit(0)": "import sys\nsys.exit(0)\nassert False",
+        "os._exit(0)": "import os\nos._exit(0)",
+        "huge output": "while True:\n    print('x' * 10000)",
+        "deep recursion": "import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n    return f(n + 1)\nf(0)",
+        "orphan": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nelse:\n    raise SystemExit(3)",
+    }
+
+
+def test_hostile_programs_fail_and_change_nothing_outside(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    programs = hostile_programs(victim)
+    started = time.perf_counter()
+    outcomes = dict(zip(programs, run_many(list(programs.values()), LIMITS, workers=4)))
+    assert time.perf_counter() - started < 60
+    for name, outcome in outcomes.items():
+        assert not outcome.passed, f"{name}: {outcome}"
+    assert outcomes["infinite loop"].status == "timeout" and outcomes["sleep"].status == "timeout"
+    assert outcomes["huge output"].status == "output_limit"
+    assert len(outcomes["huge output"].stdout) <= LIMITS.output_bytes
+    assert victim.read_text() == "keep me" and not (ROOT / "PWNED").exists()
+    # The evaluator is alive and the sandbox still works after all of that.
+    assert run("print(sum(range(10)))", LIMITS).stdout == "45"
+    if sandbox.isolation() == "namespaces":
+        assert "Network is unreachable" in outcomes["network"].stderr
+        assert os.popen(f"ps -u {sandbox.FIRST_UID} -u {sandbox.FIRST_UID + 1} -o pid=").read().strip() == ""
+
+
+def test_a_correct_program_passes_and_its_output_comes_back():
+    outcome = run("import math\nprint(math.factorial(5))\nassert math.gcd(12, 18) == 6", LIMITS)
+    assert outcome.passed and outcome.status == "passed" and outcome.stdout == "120"
+
+
+def test_failures_carry_the_traceback():
+    outcome = run("def f(x):\n    return x + 1\nassert f(1) == 3, 'wrong'", LIMITS)
+    assert not outcome.passed and "AssertionError: wrong" in outcome.stderr
+
+
+def test_fallback_without_namespaces_still_refuses_fake_success(monkeypatch):
+    monkeypatch.setattr(sandbox, "isolation", lambda: "rlimits")
+    outcomes = run_many(["import sys\nsys.exit(0)", "import os\nos._exit(0)", "while True: pass", "print('ok')"],
+                        Limits(wall_seconds=2, cpu_seconds=2), workers=2)
+    assert [o.passed for o in outcomes] == [False, False, False, True]
+    assert outcomes[2].status == "timeout"
