@@ -83,8 +83,10 @@ def _read_capped(stream, limit: int, sink: list, overflow: threading.Event) -> N
 
 def _fallback_limits(limits: Limits):
     def apply():
-        for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
-                             (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)):
+        # SIGXCPU at the soft CPU limit (reported as a timeout), SIGKILL a second later.
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+        for limit, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(limit, (value, value))
 
     return apply

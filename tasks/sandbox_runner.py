@@ -89,7 +89,9 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         os.chdir(work)
-        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
+        # SIGXCPU at the soft CPU limit (reported as a timeout), SIGKILL a second later.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        for limit, value in ((resource.RLIMIT_AS, memory),
                              (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NPROC, processes),
                              (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256)):
             resource.setrlimit(limit, (value, value))
