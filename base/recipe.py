@@ -26,11 +26,13 @@ class DataConfig:
     max_docs: int | None = None
     max_tokens: int | None = None
     num_workers: int | None = None  # tokenizer processes; None = every core
+    shard_docs: int = 50_000  # documents per shard (CodeParrot: about 75M tokens)
+    max_file_bytes: int = 1 << 20  # local files larger than this are skipped
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise InvalidValue("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        for name in ("max_docs", "max_tokens", "num_workers"):
+        for name in ("max_docs", "max_tokens", "num_workers", "shard_docs", "max_file_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InvalidValue(name, f"must be positive, got {value}")

@@ -1,0 +1,48 @@
+"""Build the token shards of a recipe's `data` section.
+
+    python -m base.data recipes/pretrain-tiny.yaml [section.key=value ...]
+
+Pretraining calls `ensure_shards` itself, so running this first is optional.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from base.config import load_recipe, split_cli_args
+from base.corpus import FilterReport
+from base.errors import cli_entry
+from base.recipe import DataConfig, PretrainRecipe
+from base.shards import build_shards, read_index, shards_ready
+from base.tokenizer import Tokenizer
+
+USAGE = "usage: python -m base.data [recipe.yaml] [data.key=value ...]"
+
+
+def ensure_shards(config: DataConfig, tokenizer: Tokenizer) -> Path:
+    """The shard directory of `config`, built first if missing or made from other inputs."""
+    shard_dir = Path(config.shard_dir)
+    if not shards_ready(config, tokenizer, shard_dir):
+        print(f"building token shards in {shard_dir} from {config.source} data", flush=True)
+        describe(build_shards(config, tokenizer, shard_dir))
+    return shard_dir
+
+
+def describe(index: dict) -> None:
+    print(FilterReport.from_dict(index["filter_report"]).table())
+    for split, info in index["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
+    recipe = load_recipe(PretrainRecipe, path, overrides)
+    shard_dir = ensure_shards(recipe.data, Tokenizer())
+    index = read_index(shard_dir)
+    print(f"shards ready in {shard_dir} (tokenizer {index['tokenizer']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Training batches from token shards: windows of block_size + 1 tokens, shuffled per epoch.
+
+Window w covers tokens [w * block_size, w * block_size + block_size + 1) of one shard (inputs
+and targets shifted by one). Each epoch visits every window once, in an order drawn from the
+seed and the epoch. A global cursor counts windows handed out to all processes: on every call
+rank r takes the r-th slice of the next `world_size * micro_batch_size` windows. So one
+optimizer step sees the same windows whatever the number of processes, and the cursor saved in
+a checkpoint resumes on any number of processes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from base.errors import UserError
+from base.shards import INDEX_FILE
+
+
+class BatchLoader:
+    def __init__(self, shard_dir: str, split: str, block_size: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        index_path = Path(shard_dir) / INDEX_FILE
+        if not index_path.exists():
+            raise UserError(f"{shard_dir}: no token shards (build them with `python -m base.data <recipe>`)")
+        index = json.loads(index_path.read_text())
+        self.block_size, self.batch, self.rank, self.world = block_size, micro_batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.shards, self.first_window = [], [0]
+        for shard in index["splits"][split]["shards"]:
+            tokens = np.memmap(Path(shard_dir) / shard["file"], dtype="<u4", mode="r")
+            windows = max(0, (len(tokens) - 1) // block_size)
+            if windows:
+                self.shards.append(tokens)
+                self.first_window.append(self.first_window[-1] + windows)
+        self.num_windows = self.first_window[-1]
+        if self.num_windows == 0:
+            raise UserError(f"{shard_dir}: the {split} split has no window of {block_size + 1} tokens; add data "
+                            "or lower model.block_size")
+        self.cursor = 0  # windows handed out so far, over all epochs and ranks
+        self._order_epoch, self._order = -1, None
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.num_windows, generator=generator)
+            else:
+                self._order = torch.arange(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def _window(self, position: int) -> np.ndarray:
+        epoch, offset = divmod(position, self.num_windows)
+        window = int(self._epoch_order(epoch)[offset])
+        shard = bisect.bisect_right(self.first_window, window) - 1
+        start = (window - self.first_window[shard]) * self.block_size
+        return self.shards[shard][start : start + self.block_size + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.cursor + self.rank * self.batch
+        rows = np.stack([self._window(p) for p in range(first, first + self.batch)]).astype(np.int64)
+        self.cursor += self.world * self.batch
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "seed": self.seed, "num_windows": self.num_windows, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["num_windows"], state["block_size"]) != (self.num_windows, self.block_size):
+            raise UserError(f"the checkpoint's data cursor is for {state['num_windows']} windows of "
+                            f"{state['block_size']} tokens; these shards have {self.num_windows} of {self.block_size}")
+        self.cursor = state["cursor"]
