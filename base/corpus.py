@@ -184,7 +184,8 @@ def file_documents(paths: list[str], report: FilterReport) -> Iterator[Document]
 
 
 def codeparrot_documents(split: str) -> Iterator[Document]:
-    """Stream one split of CodeParrot-clean. Fails within seconds when the Hub is unreachable."""
+    """Stream one split of CodeParrot-clean. Checks the Hub now (within seconds, no retries), so
+    an offline machine hears how to use local code before any work starts."""
     name = CODEPARROT[split]
     from huggingface_hub import HfApi
 
@@ -196,6 +197,10 @@ def codeparrot_documents(split: str) -> Iterator[Document]:
         raise UserError(f"data.source: cannot reach the Hugging Face Hub for {name} ({type(err).__name__}); "
                         "offline, train on local code instead: data.source=local (this Python's standard "
                         "library by default, or data.paths=[dir, ...])") from None
+    return _stream_codeparrot(name)
+
+
+def _stream_codeparrot(name: str) -> Iterator[Document]:
     from datasets import load_dataset
 
     for row in load_dataset(name, split="train", streaming=True):

@@ -68,6 +68,9 @@ class BatchLoader:
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
+    def rewind(self) -> None:
+        self.cursor = 0
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "seed": self.seed, "num_windows": self.num_windows, "block_size": self.block_size}
 

@@ -29,18 +29,20 @@ USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=va
 
 
 def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
-    """The same `eval_tokens` of the validation split at every evaluation, split across ranks."""
+    """The same `eval_tokens` of the validation split at every evaluation, split across ranks.
+    Checked now, so that a split too small fails before training rather than at the first eval."""
     train, block = recipe.train, recipe.model.block_size
-    batches_per_rank = max(1, train.eval_tokens // (train.micro_batch_size * block * world_size))
+    loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size,
+                         seed=train.seed, shuffle=False)
+    available = loader.num_windows // (train.micro_batch_size * world_size)
+    if available == 0:
+        raise UserError(f"data.val_fraction: the validation split has {loader.num_windows} windows of "
+                        f"{block + 1} tokens, fewer than one batch of {train.micro_batch_size} per process")
+    count = min(available, max(1, train.eval_tokens // (train.micro_batch_size * block * world_size)))
 
     def batches():
-        loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size,
-                             seed=train.seed, shuffle=False)
-        available = loader.num_windows // (train.micro_batch_size * world_size)
-        if available == 0:
-            raise UserError(f"data.val_fraction: the validation split has {loader.num_windows} windows of "
-                            f"{block + 1} tokens, fewer than one batch of {train.micro_batch_size} per process")
-        for _ in range(min(batches_per_rank, available)):
+        loader.rewind()
+        for _ in range(count):
             yield loader.next_batch()
 
     return batches

@@ -103,14 +103,15 @@ class _Encoder:
 
 def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: Path) -> dict:
     """Build (or finish building) the shards of `config` in `out_dir`; returns the index."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    report = FilterReport()
+    streams = _streams(config, report)  # a source that cannot be read fails here, before any writing
     digest = build_hash(config, tokenizer.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / INDEX_FILE
     index_path.unlink(missing_ok=True)
     for stale in out_dir.glob(".*.tmp"):
         stale.unlink()
-    report = FilterReport()
-    workers = config.num_workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    workers = config.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     encoder = _Encoder(tokenizer.name, workers)
     totals = {split: {"shards": [], "tokens": 0, "documents": 0} for split in SPLITS}
     docs_left = config.max_docs if config.max_docs is not None else float("inf")
@@ -118,7 +119,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: Path) -> dic
     started, seen_bytes, seen_tokens = time.perf_counter(), 0, 0
     bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True)
     try:
-        for name, documents, fixed_split in _streams(config, report):
+        for name, documents, fixed_split in streams:
             for shard in range(10**9):
                 if docs_left <= 0 or tokens_left <= 0:
                     break

@@ -1,0 +1,125 @@
+"""Pretraining through its command: a SIGKILLed run resumes to the same bits, two real DDP ranks
+match one process with the same global batch, checkpoints cross world sizes, the 70M recipe takes
+an optimizer step, and recipe errors stop before any work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+TWO_RANKS = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no"]
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
+        "train.micro_batch_size=4", "train.batch_tokens=256", "train.warmup_steps=2", "train.lr=3e-3",
+        "train.min_lr=3e-4", "train.eval_interval=1000", "train.eval_tokens=256", "log.log_interval=1",
+        "log.wandb=disabled"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Overrides that point a recipe at small shards built from the standard library's email package."""
+    shard_dir = tmp_path_factory.mktemp("shards")
+    package = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    overrides = ["data.source=local", f"data.paths=[{package}]", f"data.shard_dir={shard_dir}",
+                 "data.val_fraction=0.2", "data.num_workers=1"]
+    result = subprocess.run([sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", *overrides],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return overrides
+
+
+def pretrain(*args, launcher=(sys.executable,), env=None, recipe="recipes/pretrain-tiny.yaml", **popen):
+    command = [*launcher, str(ROOT / "base/pretrain.py"), str(ROOT / recipe), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                          timeout=600, **popen)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in records(run) if "loss" in r]
+
+
+def test_sigkilled_run_resumes_bit_exactly(tmp_path, data):
+    common = [*data, *TINY, "model.dropout=0.1", "train.max_steps=12", "train.checkpoint_interval=3"]
+    whole = tmp_path / "whole"
+    assert pretrain(*common, f"out_dir={whole}").returncode == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "base/pretrain.py"), str(ROOT / "recipes/pretrain-tiny.yaml"),
+               *common, f"out_dir={killed}"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once step 7 is logged: between the step-6 and step-9 checkpoints
+        if (killed / "metrics.jsonl").exists() and any(r["step"] >= 7 for r in records(killed)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+
+    resumed = pretrain(*common, f"out_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert (killed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+    assert train_losses(killed) == train_losses(whole)
+    assert [r["step"] for r in records(killed) if "loss" in r] == list(range(1, 13))
+
+
+def test_two_ddp_ranks_match_one_process_and_checkpoints_cross_world_sizes(tmp_path, data):
+    common = [*data, *TINY, "train.max_steps=3", "train.checkpoint_interval=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = pretrain(*common, f"out_dir={one}")
+    assert single.returncode == 0, single.stderr
+    double = pretrain(*common, f"out_dir={two}", launcher=TWO_RANKS, env={"ACCELERATE_USE_CPU": "1"})
+    assert double.returncode == 0, double.stderr
+    run = json.loads((two / "run.json").read_text())
+    assert run["processes"] == 2 and run["accumulation"] == 1
+    assert json.loads((one / "run.json").read_text())["accumulation"] == 2
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-4)
+
+    # The 2-rank checkpoint continues in one process, and the 1-process one on two ranks.
+    longer = [*common, "train.max_steps=5"]
+    assert pretrain(*longer, f"out_dir={two}").returncode == 0
+    cont = pretrain(*longer, f"out_dir={one}", launcher=TWO_RANKS, env={"ACCELERATE_USE_CPU": "1"})
+    assert cont.returncode == 0, cont.stderr
+    assert "resumed from" in cont.stdout
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-4)
+    assert len(train_losses(two)) == 5
+
+
+def test_the_70m_recipe_takes_an_optimizer_step(tmp_path, data):
+    out = tmp_path / "seed"
+    result = pretrain(*data, "train.batch_tokens=1024", "train.micro_batch_size=1", "train.max_steps=1",
+                      "train.warmup_steps=0", f"out_dir={out}", recipe="recipes/pretrain-70m.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "69,560,064 parameters" in result.stdout
+    (record,) = [r for r in records(out) if "loss" in r]
+    assert 11.0 < record["loss"] < 12.0  # ln(100352) = 11.5 at initialisation
+    assert json.loads((out / "final/config.json").read_text())["model"]["n_embd"] == 448
+
+
+def test_recipe_errors_stop_before_any_work(tmp_path):
+    result = pretrain("train.lrr=1e-3", f"out_dir={tmp_path / 'x'}")
+    assert result.returncode == 2
+    assert result.stderr == "error: <command line>: train.lrr: unknown key (did you mean train.lr?)\n"
+    assert not (tmp_path / "x").exists()
+
+
+def test_codeparrot_offline_fails_fast_with_the_way_out(tmp_path):
+    started = time.time()
+    result = pretrain(f"data.shard_dir={tmp_path / 'cp'}", f"out_dir={tmp_path / 'x'}",
+                      recipe="recipes/pretrain-70m.yaml", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and time.time() - started < 60
+    assert "data.source=local" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "cp").exists() and not (tmp_path / "x").exists()
