@@ -79,9 +79,10 @@ def quality_problem(content: str) -> str | None:
     lines = content.splitlines()
     if not lines:
         return "empty"
-    if max(len(line) for line in lines) > 1000:
+    lengths = [len(line) for line in lines]
+    if max(lengths) > 1000:
         return "long_line"
-    if len(content) / len(lines) > 100:
+    if sum(lengths) / len(lengths) > 100:
         return "mean_line_length"
     if sum(c.isalnum() for c in content) / len(content) < 0.25:
         return "alphanumeric"
