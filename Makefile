@@ -30,8 +30,15 @@ test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
+ACCELERATE_1 := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
 demo: $(STAMP)
-	$(PY) -m base.demo
+	$(PY) -m base.data recipes/pretrain-tiny.yaml
+	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-tiny.yaml
+	$(PY) -m base.generate checkpoints/pretrain-tiny/final --prompt "def " --max-new-tokens 80 \
+		--temperature 0.8 --top-k 50 --seed 0 --num-samples 2
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/tokenize_throughput.py

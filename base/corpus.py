@@ -122,6 +122,8 @@ def default_local_paths() -> list[str]:
 def local_files(paths: list[str]) -> list[Path]:
     """Every .py file under `paths`, in a stable order."""
     files = []
+    # Third-party packages installed into the interpreter are not the standard library.
+    skipped = {"__pycache__"} | (set() if paths else {"site-packages", "dist-packages"})
     for root in paths or default_local_paths():
         root_path = Path(root)
         if not root_path.exists():
@@ -130,7 +132,7 @@ def local_files(paths: list[str]) -> list[Path]:
             files.append(root_path)
             continue
         for directory, subdirs, names in os.walk(root_path):
-            subdirs.sort()
+            subdirs[:] = sorted(d for d in subdirs if d not in skipped)
             files += [Path(directory, n) for n in sorted(names) if n.endswith(".py")]
     return files
 
