@@ -105,10 +105,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_recipe(schema: type[T], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> T:
+def load_recipe(schema: type[T], path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                sections: Sequence[str] | None = None) -> T:
     """Read `path` (or only defaults when None), apply `section.key=value` overrides, and
-    build the `schema` dataclass, checking every key, type and value."""
+    build the `schema` dataclass, checking every key, type and value. With `sections`, only
+    those top-level sections of the file are read (a command that needs one part of a recipe)."""
     data, lines = read_yaml(path) if path is not None else ({}, {})
+    if sections is not None:
+        data = {key: value for key, value in data.items() if key in sections}
     where = _Where(str(path) if path is not None else None, lines)
     for text in overrides:
         key, value = parse_override(text)

@@ -77,5 +77,7 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         if (state["num_windows"], state["block_size"]) != (self.num_windows, self.block_size):
             raise UserError(f"the checkpoint's data cursor is for {state['num_windows']} windows of "
-                            f"{state['block_size']} tokens; these shards have {self.num_windows} of {self.block_size}")
+                            f"{state['block_size']} tokens; these shards have {self.num_windows} of {self.block_size} "
+                            "(the data changed since the run started: start over with train.resume=false or "
+                            "another out_dir)")
         self.cursor = state["cursor"]

@@ -6,8 +6,9 @@ clipping, mixed precision and DDP through Accelerate, periodic validation, check
 resume exactly (weights, optimizer, step, RNG states, data cursor), metrics to
 `metrics.jsonl`, wandb and PNG plots.
 
-Callers supply the model, a training batch source (`next_batch()`, `state_dict()`,
-`load_state_dict()`, per rank) and a function that yields this rank's validation batches.
+Callers supply the model, a training batch source (`next_batch()` giving inputs, targets and
+optionally segment ids of packed examples; `state_dict()`, `load_state_dict()`; per rank) and a
+function that yields this rank's validation batches.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -207,14 +208,20 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
+    def _on_device(self, batch: tuple) -> tuple:
+        """(inputs, targets, segments or None): pretraining batches have no segments, packed SFT rows do."""
+        x, y, *rest = (t.to(self.accelerator.device) for t in batch)
+        return x, y, rest[0] if rest else None
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         total = torch.zeros((), device=self.accelerator.device)
         count = torch.zeros((), device=self.accelerator.device)
-        for x, y in self.val_batches():
+        for batch in self.val_batches():
+            x, y, segments = self._on_device(batch)
             with self.accelerator.autocast():
-                total += self.model(x.to(self.accelerator.device), y.to(self.accelerator.device)).float()
+                total += self.model(x, y, segments=segments).float()
             count += 1
         self.model.train()
         total, count = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(count, "sum")
@@ -248,13 +255,12 @@ class Trainer:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=acc.device)
             for micro in range(self.accumulation):
-                x, y = self.train_batches.next_batch()
-                x, y = x.to(acc.device), y.to(acc.device)
+                x, y, segments = self._on_device(self.train_batches.next_batch())
                 # DDP needs to all-reduce gradients only once per optimizer step.
                 sync = micro == self.accumulation - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                     with acc.autocast():
-                        loss = self.model(x, y)
+                        loss = self.model(x, y, segments=segments)
                     acc.backward(loss / self.accumulation)
                 loss_sum += loss.detach().float()
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None

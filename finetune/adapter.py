@@ -1,0 +1,92 @@
+"""LoRA adapters on disk, and loading a model that may carry one.
+
+An adapter directory holds `adapter.safetensors` (only the lora_A / lora_B tensors) and
+`adapter.json`: the LoRA settings, the adapted module names, the base checkpoint it was trained
+on and a hash of that base's weights. Loading refuses a base with another hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from base.checkpoint import load_any, provenance, unwrap, weights_hash
+from base.config import build
+from base.errors import UserError
+from base.fileio import atomic_write_text
+from base.model import GPT
+from finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+FORMAT = "codegpt-adapter"
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def write_adapter_files(directory: Path, model: torch.nn.Module, lora: LoRAConfig, base: str, base_hash: str,
+                        meta: dict | None = None) -> None:
+    save_file(adapter_state(unwrap(model)), Path(directory) / ADAPTER_FILE, metadata={"format": "pt"})
+    document = {"format": FORMAT, "lora": dataclasses.asdict(lora), "base": str(base), "base_hash": base_hash,
+                "provenance": meta if meta is not None else provenance()}
+    atomic_write_text(Path(directory) / ADAPTER_CONFIG, json.dumps(document, indent=2) + "\n")
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    config_path = Path(path) / ADAPTER_CONFIG
+    try:
+        document = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not an adapter (no {ADAPTER_CONFIG})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if document.get("format") != FORMAT:
+        raise UserError(f"{config_path}: not a CodeGPT adapter")
+    return document
+
+
+def read_adapter_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load the adapter tensors of `path` into a model that already has LoRA layers."""
+    try:
+        state = load_file(Path(path) / ADAPTER_FILE)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {ADAPTER_FILE} missing") from None
+    load_adapter_state(unwrap(model), state, source=str(path))
+
+
+def attach_adapter(model: GPT, path: str | os.PathLike, base_hash: str | None = None) -> GPT:
+    """Add the LoRA layers of the adapter at `path` to `model` and load their weights, after
+    checking that `model` is the base the adapter was trained on."""
+    document = read_adapter_config(path)
+    expected = document["base_hash"]
+    actual = base_hash or weights_hash(model.state_dict())
+    if actual != expected:
+        raise UserError(f"{path}: this adapter was trained on another base ({document['base']}, weights hash "
+                        f"{expected[:12]}); the model given has hash {actual[:12]}")
+    apply_lora(model, build(LoRAConfig, document["lora"]))
+    read_adapter_weights(path, model)
+    return model.eval()
+
+
+def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                       device="cpu") -> tuple[GPT, str]:
+    """A model for sampling or evaluation: a base (any format the importers read), a merged
+    model, or a base plus adapter. An adapter directory given as the model brings its own base.
+    Returns the model and a one-line description of what was loaded."""
+    if adapter is None and is_adapter(model_path):
+        adapter, model_path = model_path, read_adapter_config(model_path)["base"]
+    if not Path(model_path).exists():
+        raise UserError(f"{model_path}: base model not found")
+    model = load_any(model_path)
+    description = f"{model_path} ({model.num_params():,} parameters)"
+    if adapter is not None:
+        attach_adapter(model, adapter)
+        description += f" + adapter {adapter}"
+    return model.to(device).eval(), description

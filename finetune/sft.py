@@ -1,0 +1,101 @@
+"""Supervised fine-tuning of a CodeGPT base on a task, with LoRA or all weights.
+
+    accelerate launch finetune/sft.py recipes/docstring.yaml [section.key=value ...]
+
+The story: load the base the recipe names (any format the importers read); build the task's
+jsonl if it is not there yet; encode prompt + completion with the prompt's labels masked and pack
+them into rows; wrap the target layers with LoRA (or train everything with `method: full`);
+then the same training loop as pretraining: same checkpoints and exact resume, metrics, plots.
+A LoRA run's checkpoints hold only the adapter and the hash of the base it was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from base.checkpoint import load_any, weights_hash
+from base.config import load_recipe, split_cli_args
+from base.errors import UserError, cli_entry
+from base.tokenizer import Tokenizer
+from base.train import Trainer, make_accelerator
+from finetune.adapter import read_adapter_weights, write_adapter_files
+from finetune.lora import apply_lora, trainable_summary
+from finetune.packing import PackedBatches, encode_example
+from finetune.recipe import SFTRecipe
+from tasks.build import build_task_data
+from tasks.jsonl import read_jsonl
+
+USAGE = "usage: accelerate launch finetune/sft.py recipe.yaml [section.key=value ...]"
+
+
+def task_examples(recipe: SFTRecipe, tokenizer: Tokenizer, split: str) -> list[tuple[list[int], list[int]]]:
+    path = Path(recipe.task.data_dir) / f"{split}.jsonl"
+    records = read_jsonl(path)
+    if not records:
+        raise UserError(f"{path}: no examples (task.max_examples, task.paths or task.val_fraction leave none)")
+    return [encode_example(tokenizer, r["prompt"], r["completion"]) for r in records]
+
+
+def sft(recipe: SFTRecipe) -> dict:
+    if not Path(recipe.base).exists():
+        raise UserError(f"base: {recipe.base} not found (pretrain one with base/pretrain.py, or name a checkpoint)")
+    accelerator = make_accelerator(recipe.train)
+    model = load_any(recipe.base)
+    block_size = recipe.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size: {block_size} exceeds the base's context of {model.config.block_size}")
+    if recipe.method == "lora":
+        base_hash = weights_hash(model.state_dict())
+        adapted = apply_lora(model, recipe.lora)  # refuses patterns that match nothing, before any work
+        accelerator.print(f"LoRA r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(adapted)} layers; "
+                          f"{trainable_summary(model)}")
+    with accelerator.main_process_first():
+        if not (Path(recipe.task.data_dir) / "train.jsonl").exists():
+            if accelerator.is_main_process:
+                build_task_data(recipe.task)
+    tokenizer = Tokenizer()
+    train_examples, val_examples = task_examples(recipe, tokenizer, "train"), task_examples(recipe, tokenizer, "val")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_rows = PackedBatches(train_examples, block_size, recipe.train.micro_batch_size, rank, world,
+                               seed=recipe.train.seed)
+    val_rows = PackedBatches(val_examples, block_size, recipe.train.micro_batch_size, rank, world, shuffle=False)
+    eval_batches = min(max(1, recipe.train.eval_tokens // (recipe.train.micro_batch_size * block_size * world)),
+                       max(1, val_rows.rows_per_epoch // (recipe.train.micro_batch_size * world)))
+    accelerator.print(f"{len(train_examples):,} train examples in {train_rows.rows_per_epoch:,} packed rows of "
+                      f"{block_size} ({train_rows.dropped_too_long} too long, dropped); {len(val_examples):,} val")
+
+    def val_batches():
+        val_rows.rewind()
+        for _ in range(eval_batches):
+            yield val_rows.next_batch()
+
+    hooks = {}
+    if recipe.method == "lora":
+        hooks = dict(write_weights=lambda d, m, meta: write_adapter_files(d, m, recipe.lora, recipe.base, base_hash, meta),
+                     read_weights=read_adapter_weights)
+    torch.manual_seed(recipe.train.seed)
+    trainer = Trainer(model=model, train_batches=train_rows, val_batches=val_batches, train=recipe.train,
+                      log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator, recipe=recipe,
+                      block_size=block_size, **hooks)
+    last = trainer.run()
+    if accelerator.is_main_process and "val_loss" in last:
+        print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity {math.exp(last['val_loss']):.2f}); "
+              f"{'adapter' if recipe.method == 'lora' else 'model'} in {Path(recipe.out_dir) / 'final'}")
+    accelerator.end_training()
+    return last
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
+    if path is None:
+        raise UserError(f"name a recipe\n{USAGE}")
+    sft(load_recipe(SFTRecipe, path, overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Build a task's train.jsonl and val.jsonl from real code.
+
+    python -m tasks.build [recipe.yaml] [task.key=value ...]
+
+Reads the `task` section of a recipe (recipes/docstring.yaml, recipes/bugfix.yaml, ...): the
+task, the code to draw functions from (default: this Python's standard library), where to
+write, the validation fraction. Prints what was kept and dropped, and why.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from base.config import load_recipe, split_cli_args
+from base.corpus import (Document, FilterReport, codeparrot_documents, content_hash, file_documents, filtered,
+                         local_documents)
+from base.errors import cli_entry
+from base.fileio import atomic_write_text
+from base.shards import in_val
+from tasks.functions import functions_with_docstrings
+from tasks.jsonl import write_jsonl
+from tasks.registry import TASKS, TaskConfig, contaminated
+
+USAGE = "usage: python -m tasks.build [recipe.yaml] [task.key=value ...]"
+
+
+@dataclass
+class TaskRecipe:
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+def documents(config: TaskConfig, report: FilterReport) -> Iterator[Document]:
+    if config.source == "codeparrot":
+        return filtered(codeparrot_documents("train"), report)
+    if config.source == "files":
+        return filtered(file_documents(config.paths, report), report)
+    return filtered(local_documents(config.paths, report), report)
+
+
+def build_task_data(config: TaskConfig) -> dict:
+    """Write <data_dir>/train.jsonl, val.jsonl and summary.json; returns the summary."""
+    task = TASKS[config.name]
+    report = FilterReport()
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for doc in documents(config, report):
+        report.keep(len(doc.content.encode()))
+        split = "val" if in_val(doc.content, config.val_fraction) else "train"
+        for function in functions_with_docstrings(doc.content, doc.path, counts):
+            if len(function.source) > config.max_chars:
+                counts["oversized"] = counts.get("oversized", 0) + 1
+            elif contaminated(function):
+                counts["humaneval_overlap"] = counts.get("humaneval_overlap", 0) + 1
+            elif (key := content_hash(function.source)) in seen:
+                counts["duplicate"] = counts.get("duplicate", 0) + 1
+            else:
+                seen.add(key)
+                splits[split].extend(task.examples([function], counts))
+        if config.max_examples is not None and len(splits["train"]) + len(splits["val"]) >= config.max_examples:
+            break
+    out = Path(config.data_dir)
+    written = {name: write_jsonl(out / f"{name}.jsonl", records) for name, records in splits.items()}
+    summary = {"task": config.name, "examples": written, "dropped": dict(sorted(counts.items())),
+               "files": report.to_dict()}
+    if config.name == "bugfix":
+        kinds: dict[str, int] = {}
+        for record in splits["train"] + splits["val"]:
+            kinds[record["kind"]] = kinds.get(record["kind"], 0) + 1
+        summary["kinds"] = dict(sorted(kinds.items()))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
+    config = load_recipe(TaskRecipe, path, overrides, sections=("task",)).task
+    summary = build_task_data(config)
+    print(f"{config.name}: {summary['examples']['train']:,} train and {summary['examples']['val']:,} val "
+          f"examples in {config.data_dir}")
+    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in summary["dropped"].items()) or "none"))
+    if "kinds" in summary:
+        print("mutation kinds: " + ", ".join(f"{k} {v:,}" for k, v in summary["kinds"].items()))
+
+
+if __name__ == "__main__":
+    main()
