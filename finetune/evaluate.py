@@ -1,0 +1,107 @@
+"""Evaluate any model (base, base + adapter, merged) by running its code.
+
+    python -m finetune.evaluate checkpoints/docstring-tiny/final --benchmark humaneval -n 10 --limit 20
+    python -m finetune.evaluate checkpoints/bugfix-tiny/final --benchmark bugfix --limit 20
+
+humaneval: n samples per problem (temperature 0.8, top-p 0.95 unless told otherwise; n = 1 and
+temperature 0 for greedy), cut at the usual stop sequences, run against the tests; unbiased
+pass@k for k = 1, 10, 100 where n allows. bugfix: HumanEval's canonical solutions with one
+injected bug each (kept only if a test catches it); the model rewrites the function; the fix
+rate overall and per mutation kind. Results go to a JSON file and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from accelerate import PartialState
+
+from base.errors import cli_entry
+from base.fileio import atomic_write_text
+from base.generate import Sampling, add_sampling_args, generate, sampling_from_args
+from base.tokenizer import Tokenizer
+from finetune.adapter import load_for_inference
+from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
+from tasks.humaneval import STOP, load_problems
+from tasks.registry import TASKS
+from tasks.sandbox import isolation
+
+
+def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size: int) -> dict:
+    samples = {}
+    for problem in problems:
+        outputs = []
+        for start in range(0, n, batch_size):
+            rows = min(batch_size, n - start)
+            seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
+            outputs += generate(model, tokenizer, [problem.prompt] * rows, seeded)
+        samples[problem.task_id] = outputs
+    result = score_humaneval(problems, samples)
+    result["samples"] = samples
+    return result
+
+
+def bugfix(model, tokenizer, problems, sampling: Sampling, batch_size: int) -> dict:
+    items = bugfix_items(problems)
+    answers = []
+    for start in range(0, len(items), batch_size):
+        answers += generate(model, tokenizer, [item.prompt for item in items[start : start + batch_size]], sampling)
+    result = score_bugfix(items, answers)
+    result["answers"] = [{"task_id": i.problem.task_id, "kind": i.kind, "answer": a} for i, a in zip(items, answers)]
+    return result
+
+
+def print_table(result: dict) -> None:
+    if result["benchmark"] == "humaneval":
+        print(f"HumanEval: {result['problems']} problems x {result['samples_per_problem']} samples")
+        for key in ("pass@1", "pass@10", "pass@100"):
+            if key in result:
+                print(f"  {key:<8} {result[key]:.4f}")
+    else:
+        print(f"Bug fixing on HumanEval: {result['bugs']} bugs, fix rate {result['fix_rate']:.4f}")
+        print(f"  {'kind':<14}{'bugs':>6}{'fixed':>7}{'rate':>8}")
+        for kind, row in result["per_kind"].items():
+            print(f"  {kind:<14}{row['bugs']:>6}{row['fixed']:>7}{row['fix_rate']:>8.3f}")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model directory or file, or an adapter directory")
+    parser.add_argument("--adapter", help="LoRA adapter directory to put on the model")
+    parser.add_argument("--benchmark", choices=("humaneval", "bugfix"), default="humaneval")
+    parser.add_argument("-n", "--samples", type=int, default=1, help="samples per HumanEval problem")
+    parser.add_argument("--limit", type=int, help="only the first N problems")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", help="results JSON (default: <model>/eval-<benchmark>.json)")
+    add_sampling_args(parser)
+    parser.set_defaults(temperature=None, max_new_tokens=384)
+    args = parser.parse_args(argv)
+    if args.temperature is None:  # greedy for one sample, the Codex paper's setting for many
+        args.temperature = 0.0 if args.samples == 1 else 0.8
+        if args.samples > 1 and args.top_p is None:
+            args.top_p = 0.95
+    sampling = sampling_from_args(args)
+    if not args.stop:
+        sampling.stop = list(STOP) if args.benchmark == "humaneval" else list(TASKS["bugfix"].stop)
+    model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
+    problems = load_problems()[: args.limit]
+    print(f"{description}; sandbox: {isolation()}")
+    tokenizer = Tokenizer()
+    if args.benchmark == "humaneval":
+        result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)
+    else:
+        result = bugfix(model, tokenizer, problems, sampling, args.batch_size)
+    result["model"] = description
+    result["sampling"] = sampling.__dict__
+    where = Path(args.adapter or args.model)
+    out = Path(args.out) if args.out else (where if where.is_dir() else where.parent) / f"eval-{args.benchmark}.json"
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
