@@ -37,6 +37,11 @@ demo: $(STAMP)
 	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-tiny.yaml
 	$(PY) -m base.generate checkpoints/pretrain-tiny/final --prompt "def " --max-new-tokens 80 \
 		--temperature 0.8 --top-k 50 --seed 0 --num-samples 2
+	$(PY) -m tasks.build recipes/docstring-tiny.yaml
+	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml
+	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged
+	$(PY) -m finetune.sample checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
+		-n 1 --temperature 0 --max-new-tokens 80
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py
