@@ -64,11 +64,11 @@ class ListBatches:
         self.cursor = state["cursor"]
 
 
-def run_loop(out_dir: Path, max_steps=8):
+def run_loop(out_dir: Path, max_steps=8, wandb="disabled"):
     train = TrainConfig(batch_tokens=256, micro_batch_size=4, max_steps=max_steps, warmup_steps=2, lr=3e-3,
                         min_lr=3e-4, eval_interval=4, eval_tokens=256, checkpoint_interval=3, keep_checkpoints=2)
     recipe = PretrainRecipe(out_dir=str(out_dir), model=tiny_config(dropout=0.1), train=train,
-                            log=LogConfig(wandb="disabled", log_interval=1))
+                            log=LogConfig(wandb=wandb, log_interval=1))
     torch.manual_seed(0)
     val = ListBatches(seed=1, rows=8)
     trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
@@ -106,3 +106,11 @@ def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
 def comparable(record):
     """A metrics line without its timings."""
     return {k: v for k, v in record.items() if k not in ("tokens_per_s", "step_s")}
+
+
+def test_wandb_offline_logs_without_a_key_or_network(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    run_loop(tmp_path / "run", max_steps=2, wandb="offline")
+    runs = list((tmp_path / "run/wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,0 +1,73 @@
+"""The evaluation and sampling commands run end to end on a tiny model: HumanEval pass@k and the
+bug-fix benchmark write their JSON and table; the sampler streams task examples."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.checkpoint import save_model
+from base.model import GPT, GPTConfig
+from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
+from tasks.humaneval import load_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    torch.manual_seed(0)
+    save_model(path, GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32, dropout=0.0)))
+    return path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_humaneval_command_writes_pass_at_k(tiny_checkpoint, tmp_path):
+    out = tmp_path / "he.json"
+    result = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "humaneval", "--limit", "2", "-n", "10",
+                 "--max-new-tokens", "16", "--seed", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["problems"] == 2 and report["samples_per_problem"] == 10
+    assert set(report) >= {"pass@1", "pass@10"} and "pass@100" not in report
+    assert len(report["samples"]["HumanEval/0"]) == 10
+    assert "pass@10" in result.stdout
+
+
+def test_bugfix_command_writes_fix_rates_per_kind(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bf.json"
+    result = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "bugfix", "--limit", "2",
+                 "--max-new-tokens", "16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["bugs"] == sum(row["bugs"] for row in report["per_kind"].values()) > 0
+    assert "fix rate" in result.stdout
+
+
+def test_scores_of_known_answers():
+    problems = load_problems()[:3]
+    samples = {p.task_id: [p.canonical_solution, "    pass\n"] for p in problems}
+    report = score_humaneval(problems, samples, ks=(1, 2))
+    assert report["pass@1"] == pytest.approx(0.5) and report["pass@2"] == pytest.approx(1.0)
+    items = bugfix_items(problems)
+    assert items and all(item.kind for item in items)
+    fixed = score_bugfix(items, [item.problem.prompt + item.problem.canonical_solution for item in items])
+    unfixed = score_bugfix(items, [item.buggy for item in items])
+    assert fixed["fix_rate"] == 1.0 and unfixed["fix_rate"] == 0.0
+
+
+def test_sample_command_streams_task_examples(tiny_checkpoint, tmp_path):
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"task": "docstring", "prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n",
+                                "completion": "    return 2 * x\n"}) + "\n")
+    result = run("finetune.sample", str(tiny_checkpoint), "--task-examples", str(data), "--temperature", "0",
+                 "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def f(x):") and "# reference:\n    return 2 * x" in result.stdout
