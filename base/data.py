@@ -39,9 +39,12 @@ def describe(index: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
     recipe = load_recipe(PretrainRecipe, path, overrides)
-    shard_dir = ensure_shards(recipe.data, Tokenizer())
-    index = read_index(shard_dir)
-    print(f"shards ready in {shard_dir} (tokenizer {index['tokenizer']})")
+    tokenizer = Tokenizer()
+    if shards_ready(recipe.data, tokenizer, Path(recipe.data.shard_dir)):
+        print(f"token shards in {recipe.data.shard_dir} are up to date (same inputs and settings)")
+        describe(read_index(Path(recipe.data.shard_dir)))
+    shard_dir = ensure_shards(recipe.data, tokenizer)
+    print(f"shards ready in {shard_dir} (tokenizer {read_index(shard_dir)['tokenizer']})")
 
 
 if __name__ == "__main__":

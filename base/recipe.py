@@ -6,6 +6,7 @@ optimisation schedule, `log` where metrics go. Fine-tuning recipes reuse these s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,18 +27,24 @@ class DataConfig:
     max_docs: int | None = None
     max_tokens: int | None = None
     num_workers: int | None = None  # tokenizer processes; None = every core
-    shard_docs: int = 50_000  # documents per shard (CodeParrot: about 75M tokens)
-    max_file_bytes: int = 1 << 20  # local files larger than this are skipped
+    # A shard ends at whichever bound comes first; both keep a shard's memory and file bounded.
+    shard_docs: int = 50_000
+    shard_tokens: int = 100_000_000
+    max_file_bytes: int = 1 << 20  # larger files and records are skipped (counted as too_large)
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise InvalidValue("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        for name in ("max_docs", "max_tokens", "num_workers", "shard_docs", "max_file_bytes"):
+        for name in ("max_docs", "max_tokens", "num_workers", "shard_docs", "shard_tokens", "max_file_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InvalidValue(name, f"must be positive, got {value}")
         if self.source == "files" and not self.paths:
             raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
+        if self.source != "codeparrot":
+            for path in self.paths:
+                if not os.path.exists(os.path.expanduser(path)):
+                    raise InvalidValue("paths", f"{path} does not exist")
 
 
 @dataclass
