@@ -35,8 +35,6 @@ ACCELERATE_1 := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1
 demo: $(STAMP)
 	$(PY) -m base.data recipes/pretrain-tiny.yaml
 	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-tiny.yaml
-	$(PY) -m base.generate checkpoints/pretrain-tiny/final --prompt "def " --max-new-tokens 80 \
-		--temperature 0.8 --top-k 50 --seed 0 --num-samples 2
 	$(PY) -m tasks.build recipes/docstring-tiny.yaml
 	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml
 	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged

@@ -9,17 +9,21 @@ is resumed from the newest one unless `train.resume=false`.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
+from base.checkpoint import unwrap
 from base.config import load_recipe, split_cli_args
 from base.data import ensure_shards
 from base.errors import UserError, cli_entry
+from base.fileio import atomic_write_text
 from base.loader import BatchLoader
 from base.model import GPT
+from base.quality import describe, parse_rate
 from base.recipe import PretrainRecipe
 from base.tokenizer import Tokenizer
 from base.train import Trainer, make_accelerator
@@ -69,6 +73,10 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     if accelerator.is_main_process and "val_loss" in last:
         print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity "
               f"{math.exp(last['val_loss']):.2f}); model in {Path(recipe.out_dir) / 'final'}")
+    if accelerator.is_main_process and recipe.log.quality_samples:
+        report = parse_rate(unwrap(trainer.model), tokenizer, recipe.log.quality_samples)
+        atomic_write_text(Path(recipe.out_dir) / "quality.json", json.dumps(report, indent=2) + "\n")
+        print(describe(report))
     accelerator.end_training()
     return last
 

@@ -100,10 +100,13 @@ class LogConfig:
     wandb_project: str = "codegpt"
     run_name: str | None = None
     log_interval: int = 10
+    quality_samples: int = 20  # samples of the parse-rate report at the end of pretraining; 0 = none
 
     def validate(self) -> None:
         if self.log_interval <= 0:
             raise InvalidValue("log_interval", f"must be positive, got {self.log_interval}")
+        if self.quality_samples < 0:
+            raise InvalidValue("quality_samples", f"must be >= 0, got {self.quality_samples}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ TWO_RANKS = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
         "train.micro_batch_size=4", "train.batch_tokens=256", "train.warmup_steps=2", "train.lr=3e-3",
         "train.min_lr=3e-4", "train.eval_interval=1000", "train.eval_tokens=256", "log.log_interval=1",
-        "log.wandb=disabled"]
+        "log.wandb=disabled", "log.quality_samples=0"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,8 @@ def test_the_70m_recipe_takes_an_optimizer_step(tmp_path, data):
     (record,) = [r for r in records(out) if "loss" in r]
     assert 11.0 < record["loss"] < 12.0  # ln(100352) = 11.5 at initialisation
     assert json.loads((out / "final/config.json").read_text())["model"]["n_embd"] == 448
+    assert "of 20 samples parse as Python" in result.stdout  # the quality report closes the run
+    assert json.loads((out / "quality.json").read_text())["samples"] == 20
 
 
 def test_recipe_errors_stop_before_any_work(tmp_path):

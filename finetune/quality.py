@@ -1,0 +1,40 @@
+"""Sample-quality report of any model: the share of samples that parse, and two of them.
+
+    python -m finetune.quality checkpoints/pretrain-tiny/final [--adapter DIR] [-k 20] [--show 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from accelerate import PartialState
+
+from base.errors import cli_entry
+from base.quality import describe, parse_rate
+from base.tokenizer import Tokenizer
+from finetune.adapter import load_for_inference
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--adapter")
+    parser.add_argument("-k", "--samples", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show", type=int, default=2, help="samples to print")
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args(argv)
+    model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
+    report = parse_rate(model, Tokenizer(), args.samples, args.max_new_tokens, args.seed)
+    print(description)
+    print(describe(report, args.show))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
