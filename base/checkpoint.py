@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from base.config import build
 from base.errors import UserError
-from base.fileio import atomic_directory, atomic_write_text, recover
+from base.fileio import atomic_directory, atomic_write_text, read_json, recover
 from base.model import GPT, GPTConfig
 from base.tokenizer import ENCODING, EOT_ID
 
@@ -129,12 +129,7 @@ def read_config(path: str | os.PathLike) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint directory")
-    try:
-        document = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not a checkpoint (no {CONFIG_FILE})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    document = read_json(config_path, f"{path}: not a checkpoint (no {CONFIG_FILE})")
     if document.get("format") != FORMAT:
         raise UserError(f"{config_path}: not a CodeGPT checkpoint (format is {document.get('format')!r}); "
                         "convert it with `python -m base.convert`")
@@ -165,10 +160,7 @@ def detect_format(path: str | os.PathLike) -> str:
         recover(path)
         config_path = path / CONFIG_FILE
         if config_path.is_file():
-            try:
-                document = json.loads(config_path.read_text())
-            except json.JSONDecodeError as err:
-                raise UserError(f"{config_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+            document = read_json(config_path, f"{config_path}: vanished while reading")
             if document.get("format") == FORMAT:
                 return FORMAT
             if document.get("model_type") == "gpt2" or "n_embd" in document:
@@ -312,10 +304,7 @@ def import_hf(path: str | os.PathLike, **_) -> tuple[GPTConfig, dict]:
     model.safetensors or pytorch_model.bin)."""
     path = Path(path)
     config_path = path / CONFIG_FILE
-    try:
-        hf = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_path}: cannot read the Hugging Face config ({err})") from None
+    hf = read_json(config_path, f"{path}: no {CONFIG_FILE} (not a Hugging Face model directory)")
     activation = HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
     if activation is None:
         raise UserError(f"{config_path}: activation_function {hf['activation_function']!r} is not supported "

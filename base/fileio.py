@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from base.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,3 +77,14 @@ def recover(path: str | os.PathLike) -> None:
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
+
+
+def read_json(path: str | os.PathLike, missing: str) -> dict:
+    """A JSON file's content; `missing` is the UserError message when it does not exist, and
+    invalid JSON is a UserError naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from base.checkpoint import load_any, provenance, unwrap, weights_hash
 from base.config import build
 from base.errors import UserError
-from base.fileio import atomic_write_text
+from base.fileio import atomic_write_text, read_json
 from base.model import GPT
 from finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
 
@@ -41,12 +41,7 @@ def write_adapter_files(directory: Path, model: torch.nn.Module, lora: LoRAConfi
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
     config_path = Path(path) / ADAPTER_CONFIG
-    try:
-        document = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not an adapter (no {ADAPTER_CONFIG})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    document = read_json(config_path, f"{path}: not an adapter (no {ADAPTER_CONFIG})")
     if document.get("format") != FORMAT:
         raise UserError(f"{config_path}: not a CodeGPT adapter")
     return document
