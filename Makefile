@@ -5,8 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # PyTorch's CPU-only wheels; a plain `pip install torch` on Linux pulls a multi-GB CUDA build.
+# A +cpu build where one is at hand (a local wheel directory pip is pointed at), else the CPU index.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_CPU_LOCAL ?= torch==2.13.0
+TORCH_CPU_LOCAL ?= torch==2.13.0+cpu
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench clean-demo
@@ -20,8 +21,8 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install --quiet 'torch>=2.6'; \
 	else \
 		echo "no GPU: installing PyTorch's CPU build"; \
-		$(PY) -m pip install --quiet --no-index $(TORCH_CPU_LOCAL) 2>/dev/null \
-		|| $(PY) -m pip install --quiet 'torch>=2.6' --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install --quiet '$(TORCH_CPU_LOCAL)' 2>/dev/null \
+		|| $(PY) -m pip install --quiet --retries 1 --timeout 30 'torch>=2.6' --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
