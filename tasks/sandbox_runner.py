@@ -49,14 +49,13 @@ def umount(target: str) -> None:
         raise OSError(ctypes.get_errno(), f"umount {target}: {os.strerror(ctypes.get_errno())}")
 
 
-def expose_interpreter() -> str:
+def expose_interpreter(prefix: str, executable: str) -> str:
     """The real interpreter behind this (venv) Python, reachable by the unprivileged uid.
 
     An interpreter under a private directory (pyenv in /root, mode 700) is unreachable once the
     uid is dropped: hide that directory behind an empty tmpfs and bind only the interpreter's
-    prefix back at its own path (its shared library is linked by absolute path)."""
-    prefix = os.path.realpath(sys.base_prefix)
-    executable = os.path.realpath(sys.executable)
+    prefix back at its own path (its shared library is linked by absolute path). `prefix` and
+    `executable` are resolved before the scratch mounts, which may hide the venv's own links."""
     ancestors = [prefix[:i] for i in range(1, len(prefix) + 1) if prefix[i : i + 1] in ("/", "")]
     blocked = next((a for a in ancestors if not os.stat(a).st_mode & 0o001), None)
     if blocked is None:
@@ -75,11 +74,12 @@ def main() -> None:
     uid, cpu, memory, file_bytes, processes = (int(a) for a in sys.argv[1:6])
     nonce = sys.stdin.buffer.readline().decode().strip()
     program = sys.stdin.buffer.read()
+    prefix, executable = os.path.realpath(sys.base_prefix), os.path.realpath(sys.executable)
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)  # nothing mounted here is seen outside
     for path in SCRATCH:
         if os.path.isdir(path):
             mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
-    python = expose_interpreter()
+    python = expose_interpreter(prefix, executable)
     work = "/tmp/work"
     os.mkdir(work, 0o700)
     with open(os.path.join(work, "program.py"), "wb") as f:

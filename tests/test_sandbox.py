@@ -68,3 +68,15 @@ def test_fallback_without_namespaces_still_refuses_fake_success(monkeypatch):
                         Limits(wall_seconds=2, cpu_seconds=2), workers=2)
     assert [o.passed for o in outcomes] == [False, False, False, True]
     assert outcomes[2].status == "timeout"
+
+
+def test_works_from_a_virtual_environment_under_tmp(tmp_path):
+    """The scratch mounts hide /tmp: the interpreter must be found before they go up."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    result = subprocess.run([str(tmp_path / "venv/bin/python"), "-c",
+                             "from tasks.sandbox import run; print(run('print(6 * 7)').stdout)"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "42", result.stderr
