@@ -148,9 +148,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # Rows of the (positions x vocab) logits formed at once by the loss: 256 x 100,352 float32
-    # logits are about 100 MB, small beside the activations of a 4 x 1024 batch.
-    loss_chunk_size = 256
+    # Rows of the (positions x vocab) logits formed at once by the loss: 512 x 100,352 float32
+    # logits are about 200 MB. Fewer, larger chunks read the 180 MB head matrix fewer times
+    # (on this 2-core CPU the tiny recipe's step: 128 rows 1,250 tok/s, 256 1,390, 512 1,520).
+    loss_chunk_size = 512
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -275,19 +276,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             xs, ts = x[start : start + chunk_size], targets[start : start + chunk_size]
             labelled = ts != IGNORE_INDEX
             safe_ts = ts.clamp(min=0)
-            logits = (xs @ weight.T).to(acc_dtype)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_ts[:, None]).squeeze(1)
-            total += torch.where(labelled, lse - target_logit, 0.0).sum()
-            # logits become d(loss)/d(logits) in place: softmax, minus one at the target, over n.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, safe_ts[:, None], -torch.ones_like(lse)[:, None])
-            grad.mul_((labelled.to(acc_dtype) / n_labelled)[:, None])
+            # log_softmax is one fused kernel; logsumexp plus a subtraction is several passes
+            # over chunk x vocab floats, and those passes are most of a small model's step on CPU.
+            log_probs = torch.log_softmax((xs @ weight.T).to(acc_dtype), dim=-1)
+            total -= torch.where(labelled, log_probs.gather(1, safe_ts[:, None]).squeeze(1), 0.0).sum()
+            # log_probs become d(row loss)/d(logits) in place: softmax minus one at the target. The
+            # per-row weight (1/n, or 0 without a label) scales the small matrices, not the logits.
+            grad = log_probs.exp_()
+            grad.scatter_add_(1, safe_ts[:, None], -torch.ones_like(grad[:, :1]))
             grad = grad.to(weight.dtype)
+            row_weight = (labelled.to(acc_dtype) / n_labelled)[:, None]
             if grad_x is not None:
-                grad_x[start : start + chunk_size] = grad @ weight
+                grad_x[start : start + chunk_size] = (grad @ weight) * row_weight
             if grad_w is not None:
-                grad_w += grad.T @ xs
+                grad_w += grad.T @ (xs * row_weight.to(xs.dtype))
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / n_labelled
