@@ -33,11 +33,11 @@ USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=va
 
 
 def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
-    """The same `eval_tokens` of the validation split at every evaluation, split across ranks.
-    Checked now, so that a split too small fails before training rather than at the first eval."""
+    """The same `eval_tokens` of the validation split at every evaluation, split across ranks:
+    windows drawn across the whole split (a fixed shuffle, rewound each time), not its first
+    files. Checked now, so that a split too small fails before training, not at the first eval."""
     train, block = recipe.train, recipe.model.block_size
-    loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size,
-                         seed=train.seed, shuffle=False)
+    loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size, seed=train.seed)
     available = loader.num_windows // (train.micro_batch_size * world_size)
     if available == 0:
         raise UserError(f"data.val_fraction: the validation split has {loader.num_windows} windows of "

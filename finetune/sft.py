@@ -62,7 +62,8 @@ def sft(recipe: SFTRecipe) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     train_rows = PackedBatches(train_examples, block_size, recipe.train.micro_batch_size, rank, world,
                                seed=recipe.train.seed)
-    val_rows = PackedBatches(val_examples, block_size, recipe.train.micro_batch_size, rank, world, shuffle=False)
+    # A fixed shuffle, rewound at each evaluation: the same sample every time, drawn across all files.
+    val_rows = PackedBatches(val_examples, block_size, recipe.train.micro_batch_size, rank, world, seed=recipe.train.seed)
     eval_batches = min(max(1, recipe.train.eval_tokens // (recipe.train.micro_batch_size * block_size * world)),
                        max(1, val_rows.rows_per_epoch // (recipe.train.micro_batch_size * world)))
     accelerator.print(f"{len(train_examples):,} train examples in {train_rows.rows_per_epoch:,} packed rows of "
