@@ -4,7 +4,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 
 import tasks.sandbox as sandbox
 from tasks.sandbox import Limits, run, run_many
