@@ -7,7 +7,8 @@ humaneval: n samples per problem (temperature 0.8, top-p 0.95 unless told otherw
 temperature 0 for greedy), cut at the usual stop sequences, run against the tests; unbiased
 pass@k for k = 1, 10, 100 where n allows. bugfix: HumanEval's canonical solutions with one
 injected bug each (kept only if a test catches it); the model rewrites the function; the fix
-rate overall and per mutation kind. Results go to a JSON file and a printed table.
+rate overall and per mutation kind. examples: a task's own val.jsonl, each answer scored by its
+task (parses; equals the reference). Results go to a JSON file and a printed table.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from base.errors import cli_entry
+from base.errors import UserError, cli_entry
 from base.fileio import atomic_write_text
 from base.generate import Sampling, add_sampling_args, generate, sampling_from_args
 from base.tokenizer import Tokenizer
 from finetune.adapter import load_for_inference
 from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
 from tasks.humaneval import STOP, load_problems
+from tasks.jsonl import read_jsonl
 from tasks.registry import TASKS
 from tasks.sandbox import isolation
 
@@ -53,8 +55,26 @@ def bugfix(model, tokenizer, problems, sampling: Sampling, batch_size: int) -> d
     return result
 
 
+def task_examples(model, tokenizer, path: str, sampling: Sampling, limit: int | None, batch_size: int) -> dict:
+    """A task's own examples (a val.jsonl): generate for each prompt, score with the task."""
+    records = read_jsonl(path)[:limit]
+    task = TASKS[records[0].get("task", "docstring")] if records else TASKS["docstring"]
+    if not sampling.stop:
+        sampling.stop = list(task.stop)
+    answers = []
+    for start in range(0, len(records), batch_size):
+        answers += generate(model, tokenizer, [task.prompt(r) for r in records[start : start + batch_size]], sampling)
+    scores = [task.score(r, a) for r, a in zip(records, answers)]
+    return {"benchmark": f"{task.name} examples", "examples": len(records), "data": str(path),
+            **{key: sum(s[key] for s in scores) / max(1, len(scores)) for key in ("parses", "exact")},
+            "answers": answers}
+
+
 def print_table(result: dict) -> None:
-    if result["benchmark"] == "humaneval":
+    if result["benchmark"].endswith("examples"):
+        print(f"{result['benchmark']} ({result['data']}): {result['examples']} examples, "
+              f"parses {result['parses']:.4f}, exact {result['exact']:.4f}")
+    elif result["benchmark"] == "humaneval":
         print(f"HumanEval: {result['problems']} problems x {result['samples_per_problem']} samples")
         for key in ("pass@1", "pass@10", "pass@100"):
             if key in result:
@@ -71,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory or file, or an adapter directory")
     parser.add_argument("--adapter", help="LoRA adapter directory to put on the model")
-    parser.add_argument("--benchmark", choices=("humaneval", "bugfix"), default="humaneval")
+    parser.add_argument("--benchmark", choices=("humaneval", "bugfix", "examples"), default="humaneval",
+                        help="examples: a task's own jsonl (--examples), scored by the task")
+    parser.add_argument("--examples", help="with --benchmark examples: e.g. data/tasks/bugfix-tiny/val.jsonl")
     parser.add_argument("-n", "--samples", type=int, default=1, help="samples per HumanEval problem")
     parser.add_argument("--limit", type=int, help="only the first N problems")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -84,13 +106,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.samples > 1 and args.top_p is None:
             args.top_p = 0.95
     sampling = sampling_from_args(args)
-    if not args.stop:
+    if args.benchmark == "examples" and not args.examples:
+        raise UserError("--benchmark examples needs --examples FILE.jsonl")
+    if not args.stop and args.benchmark != "examples":
         sampling.stop = list(STOP) if args.benchmark == "humaneval" else list(TASKS["bugfix"].stop)
     model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
     problems = load_problems()[: args.limit]
     print(f"{description}; sandbox: {isolation()}")
     tokenizer = Tokenizer()
-    if args.benchmark == "humaneval":
+    if args.benchmark == "examples":
+        result = task_examples(model, tokenizer, args.examples, sampling, args.limit, args.batch_size)
+    elif args.benchmark == "humaneval":
         result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)
     else:
         result = bugfix(model, tokenizer, problems, sampling, args.batch_size)

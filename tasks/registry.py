@@ -1,4 +1,5 @@
-"""The Python tasks: how each builds examples from real functions, formats prompts and stops.
+"""The Python tasks: how each builds examples from real functions, formats prompts, stops, and
+scores an answer to one of its own examples.
 
 - `docstring`: prompt = decorators + signature + docstring, completion = the body.
 - `bugfix`: prompt = an instruction + the function with one injected bug, completion = the
@@ -10,6 +11,7 @@ so the benchmark does not measure memorisation.
 
 from __future__ import annotations
 
+import ast
 import random
 import re
 from dataclasses import dataclass, field
@@ -61,6 +63,12 @@ class DocstringTask:
     def prompt(self, record: dict) -> str:
         return record["prompt"]
 
+    def score(self, record: dict, completion: str) -> dict:
+        """Without tests to run, a body counts when the function it completes parses (and once
+        more when it equals the original, statement for statement). HumanEval runs the code."""
+        written, reference = _parsed(record["prompt"] + completion), _parsed(record["prompt"] + record["completion"])
+        return {"parses": written is not None, "exact": written is not None and written == reference}
+
 
 @dataclass(frozen=True)
 class BugfixTask:
@@ -81,6 +89,20 @@ class BugfixTask:
 
     def prompt(self, record: dict) -> str:
         return record["prompt"]
+
+    def score(self, record: dict, completion: str) -> dict:
+        """The answer fixes the bug when it is the original function, statement for statement
+        (formatting and comments aside). The HumanEval bug-fix benchmark runs tests instead."""
+        written = _parsed(completion)
+        return {"parses": written is not None, "exact": written is not None and written == _parsed(record["completion"])}
+
+
+def _parsed(source: str) -> str | None:
+    """The AST of `source` as a comparable string, or None if it does not parse."""
+    try:
+        return ast.dump(ast.parse(source))
+    except (SyntaxError, ValueError):
+        return None
 
 
 def bugfix_prompt(buggy: str) -> str:

@@ -71,3 +71,16 @@ def test_sample_command_streams_task_examples(tiny_checkpoint, tmp_path):
                  "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def f(x):") and "# reference:\n    return 2 * x" in result.stdout
+
+
+def test_examples_mode_scores_a_tasks_own_jsonl(tiny_checkpoint, tmp_path):
+    data, out = tmp_path / "val.jsonl", tmp_path / "ex.json"
+    data.write_text(json.dumps({"task": "bugfix", "prompt": "# fix\ndef f(x):\n    return x - 1\n# Fixed version:\n",
+                                "completion": "def f(x):\n    return x + 1\n"}) + "\n")
+    result = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "examples", "--examples", str(data),
+                 "--max-new-tokens", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["examples"] == 1 and report["benchmark"] == "bugfix examples" and 0 <= report["parses"] <= 1
+    missing = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "examples")
+    assert missing.returncode == 2 and "--examples" in missing.stderr

@@ -123,3 +123,16 @@ def test_unknown_task_is_a_recipe_error(tmp_path):
         load_recipe(TaskRecipe, recipe, sections=("task",))
     result = subprocess.run([sys.executable, "-m", "tasks.build", str(recipe)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_tasks_score_answers_to_their_own_examples():
+    functions = [f for f in functions_with_docstrings(MODULE, "shelf.py", {}) if f.name == "count"]
+    (doc,) = TASKS["docstring"].examples(functions, {})
+    assert TASKS["docstring"].score(doc, doc["completion"]) == {"parses": True, "exact": True}
+    assert TASKS["docstring"].score(doc, doc["completion"].replace("+= 1", "+= 1  # one more")) == \
+        {"parses": True, "exact": True}  # comments and spacing aside
+    assert TASKS["docstring"].score(doc, "    return 0\n") == {"parses": True, "exact": False}
+    assert TASKS["docstring"].score(doc, "    return (\n") == {"parses": False, "exact": False}
+    (bug,) = TASKS["bugfix"].examples(functions, {})
+    assert TASKS["bugfix"].score(bug, bug["completion"]) == {"parses": True, "exact": True}
+    assert TASKS["bugfix"].score(bug, bug["buggy"]) == {"parses": True, "exact": False}
