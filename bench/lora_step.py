@@ -1,5 +1,5 @@
 """One SFT step (forward, backward, AdamW) of the 70M model: our LoRA vs our full fine-tuning vs
-peft's LoRA on the equivalent Hugging Face GPT2LMHeadModel (same weights, rank, alpha, targets).
+peft's LoRA on the equivalent Hugging Face GPT2LMHeadModel (same architecture, rank, alpha, targets).
 
 Each contender runs in its own process (peak memory is per process); step time is the median of
 the timed steps after one warm-up step. peft and transformers are bench-only extras.
@@ -11,36 +11,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from base.checkpoint import export_hf
 from base.model import GPT, GPTConfig
 from finetune.lora import LoRAConfig, apply_lora
+from loss_memory import peak_rss_mib  # the sibling benchmark (bench/ is on the path when run as a script)
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def build(kind: str, block: int, rank: int, alpha: float):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block, dropout=0.0))
-    if kind == "ours-lora":
-        apply_lora(model, LoRAConfig(r=rank, alpha=alpha, dropout=0.0, targets=TARGETS))
-        return model, lambda x, y: model(x, y)
-    if kind == "ours-full":
+    config = GPTConfig(block_size=block, dropout=0.0)
+    if kind.startswith("ours"):
+        model = GPT(config)
+        if kind == "ours-lora":
+            apply_lora(model, LoRAConfig(r=rank, alpha=alpha, dropout=0.0, targets=TARGETS))
         return model, lambda x, y: model(x, y)
     import peft
     import transformers
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa")
+    # transformers' GPT-2 of the same architecture, built alone so no second model is in the peak.
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, activation_function="gelu_pytorch_tanh", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, attn_implementation="sdpa"))
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
                                                  fan_in_fan_out=True))
     return hf, lambda x, y: hf(input_ids=x, labels=x).loss
@@ -62,7 +62,7 @@ def worker(kind: str, batch: int, block: int, steps: int, rank: int, alpha: floa
         if i:
             times.append(time.perf_counter() - start)
     return {"kind": kind, "trainable": sum(p.numel() for p in params), "step_s": statistics.median(times),
-            "spread_s": max(times) - min(times), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "spread_s": max(times) - min(times), "peak_mib": peak_rss_mib()}
 
 
 def main() -> None:

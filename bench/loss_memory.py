@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -24,16 +23,23 @@ import torch.nn.functional as F
 from base.model import GPT, GPTConfig
 
 
-def rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss over from the parent across fork and exec, so a worker started by a big parent
+    would report the parent's peak."""
+    return _status_mib("VmHWM")
 
 
 def worker(loss_kind: str, batch: int, block: int, device: str, dropout: float) -> dict:
