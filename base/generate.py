@@ -97,7 +97,7 @@ class _RowText:
         return out
 
 
-def _banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
+def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
     """Ids the model can score but the tokenizer cannot decode: the padding rows and gaps."""
     banned = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
     valid = [i for i in range(min(model.config.vocab_size, tokenizer.vocab_size)) if tokenizer.is_valid(i)]
@@ -106,10 +106,11 @@ def _banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned: torch.Tensor,
+def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned: torch.Tensor,
                  start_id: int) -> Iterator[list[int]]:
     """Yield the next token of every row, forever (the caller stops). Prompts are left-padded to
-    one length; when the context fills, the cache is rebuilt from the last 3/4 of it."""
+    one length; when the context fills, the cache is rebuilt from the last 3/4 of it. `banned`
+    (a bool mask over the vocabulary) is never sampled; an empty prompt starts from `start_id`."""
     device = banned.device
     block = model.config.block_size
     generator = torch.Generator(device=device)
@@ -153,8 +154,8 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampl
     try:
         device = model.transformer.wte.weight.device
         rows = [_RowText(tokenizer, sampling.stop) for _ in prompts]
-        steps = _token_steps(model, [tokenizer.encode(p) for p in prompts], sampling,
-                             _banned_ids(model, tokenizer, device), tokenizer.eot_id)
+        steps = token_steps(model, [tokenizer.encode(p) for p in prompts], sampling,
+                             banned_ids(model, tokenizer, device), tokenizer.eot_id)
         for _, next_ids in zip(range(sampling.max_new_tokens), steps):
             for row, token_id in enumerate(next_ids):
                 if rows[row].done:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from base.errors import UserError
-from base.generate import Sampling, _banned_ids, generate, sample_next, stream
+from base.generate import Sampling, banned_ids, generate, sample_next, stream
 from base.tokenizer import Tokenizer
 from conftest import tiny_config
 from base.model import GPT
@@ -29,7 +29,7 @@ def model():
 
 def greedy_by_recomputing(model, tokenizer, prompt, n):
     ids = tokenizer.encode(prompt)
-    banned = _banned_ids(model, tokenizer, "cpu")
+    banned = banned_ids(model, tokenizer, "cpu")
     out = []
     with torch.no_grad():
         for _ in range(n):
