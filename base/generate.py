@@ -100,8 +100,8 @@ class _RowText:
 def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
     """Ids the model can score but the tokenizer cannot decode: the padding rows and gaps."""
     banned = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
-    valid = [i for i in range(min(model.config.vocab_size, tokenizer.vocab_size)) if tokenizer.is_valid(i)]
-    banned[torch.tensor(valid, device=device)] = False
+    valid = torch.tensor(tokenizer.valid_ids, device=device)
+    banned[valid[valid < model.config.vocab_size]] = False
     return banned
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import tiktoken
 
@@ -84,6 +84,11 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token_id) if self.is_valid(token_id) else b""
+
+    @cached_property
+    def valid_ids(self) -> list[int]:
+        """Every id that decodes to a token (computed once: samplers mask the rest)."""
+        return [i for i in range(self.vocab_size) if i not in self._unused_ids]
 
     def is_valid(self, token_id: int) -> bool:
         return 0 <= token_id < self.vocab_size and token_id not in self._unused_ids

@@ -20,7 +20,8 @@ import torch
 
 from base.model import GPT, GPTConfig
 from finetune.lora import LoRAConfig, apply_lora
-from loss_memory import peak_rss_mib  # the sibling benchmark (bench/ is on the path when run as a script)
+from loss_memory import peak_rss_mib  # sibling benchmarks (bench/ is on the path when run as a script)
+from peers import hf_gpt2
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -34,14 +35,8 @@ def build(kind: str, block: int, rank: int, alpha: float):
             apply_lora(model, LoRAConfig(r=rank, alpha=alpha, dropout=0.0, targets=TARGETS))
         return model, lambda x, y: model(x, y)
     import peft
-    import transformers
 
-    # transformers' GPT-2 of the same architecture, built alone so no second model is in the peak.
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, activation_function="gelu_pytorch_tanh", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, attn_implementation="sdpa"))
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
+    hf = peft.get_peft_model(hf_gpt2(config), peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
                                                  fan_in_fan_out=True))
     return hf, lambda x, y: hf(input_ids=x, labels=x).loss
 

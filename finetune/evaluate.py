@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from accelerate import PartialState
@@ -37,7 +38,7 @@ def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size
         outputs = []
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
-            seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
+            seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
             outputs += generate(model, tokenizer, [problem.prompt] * rows, seeded)
         samples[problem.task_id] = outputs
     result = score_humaneval(problems, samples)
