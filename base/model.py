@@ -272,24 +272,43 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         grad_w = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         total = x.new_zeros((), dtype=acc_dtype)
+        # Two chunk x vocab buffers reused by every chunk: a fresh 200 MB tensor per chunk costs
+        # its page faults again on CPU, about a fifth of the head's time.
+        # Under autocast the head runs in the autocast dtype, as autograd's matmul would; the
+        # explicit casts are needed because autocast leaves out= variants alone.
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        head = weight.to(compute_dtype)
+        rows = min(chunk_size, x.shape[0])
+        logits_buffer = x.new_empty((rows, weight.shape[0]), dtype=compute_dtype)
+        probs_buffer = x.new_empty((rows, weight.shape[0]), dtype=acc_dtype)
         for start in range(0, x.shape[0], chunk_size):
             xs, ts = x[start : start + chunk_size], targets[start : start + chunk_size]
             labelled = ts != IGNORE_INDEX
-            safe_ts = ts.clamp(min=0)
-            # log_softmax is one fused kernel; logsumexp plus a subtraction is several passes
-            # over chunk x vocab floats, and those passes are most of a small model's step on CPU.
-            log_probs = torch.log_softmax((xs @ weight.T).to(acc_dtype), dim=-1)
-            total -= torch.where(labelled, log_probs.gather(1, safe_ts[:, None]).squeeze(1), 0.0).sum()
-            # log_probs become d(row loss)/d(logits) in place: softmax minus one at the target. The
+            safe_ts = ts.clamp(min=0)[:, None]
+            logits = torch.mm(xs.to(compute_dtype), head.T, out=logits_buffer[: len(xs)])
+            # One pass over chunk x vocab floats gives the probabilities, which are both the loss
+            # (-log p at the target) and most of the gradient; log_softmax then exp would be two.
+            probs = torch.ops.aten.softmax.int_out(logits, -1, acc_dtype, out=probs_buffer[: len(xs)])
+            target_nll = -probs.gather(1, safe_ts).squeeze(1).log()
+            # A probability that underflowed (a logit ~100 below the row's largest) has no
+            # logarithm left to take; those rare rows get theirs from the logits.
+            lost = labelled & ~torch.isfinite(target_nll)
+            if lost.any():
+                exact = torch.logsumexp(logits[lost].to(acc_dtype), dim=-1) - logits[lost].gather(1, safe_ts[lost]).squeeze(1)
+                target_nll = target_nll.masked_scatter(lost, exact.to(acc_dtype))
+            total += torch.where(labelled, target_nll, 0.0).sum()
+            # probs become d(row loss)/d(logits) in place: softmax minus one at the target. The
             # per-row weight (1/n, or 0 without a label) scales the small matrices, not the logits.
-            grad = log_probs.exp_()
-            grad.scatter_add_(1, safe_ts[:, None], -torch.ones_like(grad[:, :1]))
-            grad = grad.to(weight.dtype)
+            grad = probs.scatter_add_(1, safe_ts, -torch.ones_like(probs[:, :1])).to(compute_dtype)
             row_weight = (labelled.to(acc_dtype) / n_labelled)[:, None]
             if grad_x is not None:
-                grad_x[start : start + chunk_size] = (grad @ weight) * row_weight
+                grad_x[start : start + chunk_size] = (grad @ head) * row_weight
             if grad_w is not None:
-                grad_w += grad.T @ (xs * row_weight.to(xs.dtype))
+                scaled_x = (xs * row_weight.to(xs.dtype)).to(compute_dtype)
+                if grad.dtype == grad_w.dtype:
+                    grad_w.addmm_(grad.T, scaled_x)  # no chunk-sized temporary in fp32
+                else:
+                    grad_w += grad.T @ scaled_x
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / n_labelled

@@ -66,6 +66,39 @@ def test_all_labels_ignored_gives_zero_loss_and_zero_gradient():
     assert loss.item() == 0.0 and x.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
 
 
+def test_chunked_loss_of_a_confidently_wrong_row_is_exact():
+    # Logits hundreds apart: the target's probability underflows to 0 in fp32, and its loss
+    # (hundreds of nats) must still come out exact, as must the gradients.
+    torch.manual_seed(0)
+    x = (torch.randn(6, 8) * 60).requires_grad_()
+    w = torch.randn(11, 8).requires_grad_()
+    t = torch.randint(0, 11, (6,))
+    loss = chunked_cross_entropy(x, w, t, chunk_size=4)
+    loss.backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference = F.cross_entropy(x_ref @ w_ref.T, t)
+    reference.backward()
+    assert reference.item() > 100
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def test_chunked_loss_under_autocast_runs_the_head_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(1000, 16, requires_grad=True)
+    t = torch.randint(0, 1000, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, w, t, chunk_size=16)
+    loss.backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    bf16_logits = (x.detach().bfloat16() @ w.detach().bfloat16().T).float()
+    fp32_loss = F.cross_entropy(x.detach() @ w.detach().T, t)
+    torch.testing.assert_close(loss, F.cross_entropy(bf16_logits, t), atol=1e-5, rtol=1e-5)
+    assert abs(loss.item() - fp32_loss.item()) > 1e-4
+
+
 def test_chunked_loss_backward_scales_with_upstream_gradient():
     torch.manual_seed(0)
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
