@@ -1,15 +1,20 @@
 """How much Python a model writes: the share of samples that parse.
 
 k samples from fixed code prompts, each cut at its last complete line, parsed with `ast`. Next to
-validation loss it tells whether a small model learned the language or only its token statistics.
+validation loss (over every window of held-out files) it tells whether a small model learned the
+language or only its token statistics.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import asdict
 
+import torch
+
 from base.generate import Sampling, generate
+from base.loader import BatchLoader
 from base.model import GPT
 from base.tokenizer import Tokenizer
 
@@ -47,3 +52,19 @@ def describe(report: dict, show: int = 2) -> str:
     for sample in report["texts"][:show]:
         lines += ["-" * 40 + (" parses" if sample["parses"] else " does not parse"), sample["text"].rstrip()]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, shard_dir: str, batch_size: int = 16) -> dict:
+    """Mean loss per token over every window of the validation split (held-out files), in order."""
+    loader = BatchLoader(shard_dir, "val", model.config.block_size, 1, shuffle=False)
+    device = next(model.parameters()).device
+    was_training, total, tokens = model.training, 0.0, 0
+    model.eval()
+    for first in range(0, loader.num_windows, batch_size):
+        rows = [loader.next_batch() for _ in range(min(batch_size, loader.num_windows - first))]
+        x, y = torch.cat([r[0] for r in rows]).to(device), torch.cat([r[1] for r in rows]).to(device)
+        total += model(x, y).item() * y.numel()
+        tokens += y.numel()
+    model.train(was_training)
+    return {"val_loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}

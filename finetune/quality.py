@@ -1,6 +1,9 @@
 """Sample-quality report of any model: the share of samples that parse, and two of them.
 
-    python -m finetune.quality checkpoints/pretrain-tiny/final [--adapter DIR] [-k 20] [--show 2]
+    python -m finetune.quality checkpoints/pretrain-cpu/final [--adapter DIR] [-k 20] [--show 2]
+                               [--shards data/shards/stdlib-all]
+
+With --shards, also the validation loss and perplexity over every window of that split's held-out files.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from accelerate import PartialState
 
 from base.errors import cli_entry
-from base.quality import describe, parse_rate
+from base.quality import describe, parse_rate, validation_loss
 from base.tokenizer import Tokenizer
 from finetune.adapter import load_for_inference
 
@@ -25,11 +28,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=2, help="samples to print")
+    parser.add_argument("--shards", help="token shards whose validation split to score")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
     report = parse_rate(model, Tokenizer(), args.samples, args.max_new_tokens, args.seed)
     print(description)
+    if args.shards:
+        report["validation"] = validation_loss(model, args.shards)
+        print(f"validation loss {report['validation']['val_loss']:.4f} (perplexity "
+              f"{report['validation']['perplexity']:.1f}) over {report['validation']['tokens']:,} held-out tokens")
     print(describe(report, args.show))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,9 +1,14 @@
-"""The sample-quality report: samples cut at their last complete line, parse or not."""
+"""The sample-quality report: samples cut at their last complete line, parse or not; validation loss
+over every held-out window."""
 
+import json
+import math
+
+import numpy as np
 import torch
 
 from base.model import GPT, GPTConfig
-from base.quality import complete_lines, parse_rate, parses
+from base.quality import complete_lines, parse_rate, parses, validation_loss
 from base.tokenizer import Tokenizer
 
 
@@ -21,3 +26,21 @@ def test_report_counts_its_samples():
     assert report["parsable"] == sum(t["parses"] for t in report["texts"])
     assert all(t["parses"] == parses(t["text"] if not t["text"].startswith(" ") else "class C:\n" + t["text"])
                for t in report["texts"])
+
+
+def test_validation_loss_covers_every_held_out_window_once(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    tokens = rng.integers(0, 512, 5 * 32 + 1 + 7, dtype="<u4")  # five windows of 32 (+1), and a tail
+    tokens.tofile(shard_dir / "v.val.bin")
+    (shard_dir / "index.json").write_text(json.dumps(
+        {"splits": {"train": {"shards": []}, "val": {"shards": [{"file": "v.val.bin", "tokens": len(tokens)}]}}}))
+    windows = torch.from_numpy(tokens[: 5 * 32 + 1].astype(np.int64))
+    with torch.no_grad():
+        per_window = [tiny_model(windows[i * 32 : i * 32 + 32][None], windows[i * 32 + 1 : i * 32 + 33][None]).item()
+                      for i in range(5)]
+    result = validation_loss(tiny_model, str(shard_dir), batch_size=2)  # batches of 2, 2 and 1
+    assert result["tokens"] == 5 * 32
+    assert abs(result["val_loss"] - sum(per_window) / 5) < 1e-5
+    assert abs(result["perplexity"] - math.exp(result["val_loss"])) < 1e-6 * result["perplexity"]
