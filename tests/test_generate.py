@@ -1,11 +1,13 @@
 """Generation: the KV cache gives the same greedy tokens as recomputing, batches equal single
-prompts, stop strings cut, streamed pieces equal the final text, sampling options behave."""
+prompts, stop strings cut, streamed pieces equal the final text, sampling options behave, and the
+bf16-ranked decode head gives the plain head's logits and tokens."""
 
 import pytest
 import torch
 
+import base.generate as generate_module
 from base.errors import UserError
-from base.generate import Sampling, banned_ids, generate, sample_next, stream
+from base.generate import HEAD_CANDIDATES, Sampling, banned_ids, generate, next_token_head, sample_next, stream
 from base.tokenizer import Tokenizer
 from conftest import tiny_config
 from base.model import GPT
@@ -96,3 +98,28 @@ def test_padding_ids_are_never_sampled(model, tokenizer):
 def test_bad_options_name_the_option(model, tokenizer, bad, field):
     with pytest.raises(UserError, match=field):
         generate(model, tokenizer, ["x"], Sampling(**bad))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, monkeypatch, fast):
+    monkeypatch.setattr(generate_module, "_fast_bf16_gemv", lambda device: fast)
+    banned = banned_ids(model, tokenizer, "cpu")
+    hidden = model.hidden_states(torch.tensor([tokenizer.encode("import os\n")]))[:, -1]
+    exact = model.lm_head(hidden).masked_fill(banned, float("-inf"))
+    with torch.no_grad():
+        greedy = next_token_head(model, Sampling(temperature=0), banned)(hidden)
+        unrestricted = next_token_head(model, Sampling(temperature=0.8), banned)(hidden)
+    torch.testing.assert_close(unrestricted, exact)  # sampling from the whole vocabulary: the plain head
+    kept = torch.isfinite(greedy)
+    assert kept.sum() == (HEAD_CANDIDATES if fast else exact.isfinite().sum())
+    torch.testing.assert_close(greedy[kept], exact[kept])
+    assert set(exact[0].topk(50).indices.tolist()) <= set(kept[0].nonzero().flatten().tolist())
+
+
+def test_bf16_ranked_head_decodes_the_same_tokens_as_the_plain_head(model, tokenizer, monkeypatch):
+    outputs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(generate_module, "_fast_bf16_gemv", lambda device, fast=fast: fast)
+        outputs[fast] = [generate(model, tokenizer, ["def parse(text):\n"], sampling)[0] for sampling in
+                         (Sampling(max_new_tokens=40, temperature=0), Sampling(max_new_tokens=40, top_k=50, seed=3))]
+    assert outputs[True] == outputs[False]
