@@ -34,8 +34,8 @@ test: $(STAMP)
 ACCELERATE_1 := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 demo: $(STAMP)
-	$(PY) -m base.data recipes/pretrain-tiny.yaml
-	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-tiny.yaml
+	$(PY) -m base.data recipes/pretrain-cpu.yaml
+	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-cpu.yaml
 	$(PY) -m tasks.build recipes/docstring-tiny.yaml
 	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml
 	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged

@@ -109,7 +109,7 @@ def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
 HEAD_CANDIDATES = 128
 
 
-def _fast_bf16_gemv(device: torch.device) -> bool:
+def has_fast_bf16(device: torch.device) -> bool:
     """True where a bf16 matrix-vector product runs at memory speed: CPUs with AVX512-BF16
     (on AVX2-only CPUs bf16 arithmetic is emulated and far slower than fp32)."""
     return device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -133,7 +133,7 @@ def next_token_head(model: GPT, sampling: Sampling, banned: torch.Tensor):
 
     only_top = sampling.temperature == 0 or (sampling.top_k is not None and sampling.top_k <= HEAD_CANDIDATES)
     if not (only_top and type(model.lm_head) is torch.nn.Linear and weight.dtype == torch.float32
-            and _fast_bf16_gemv(weight.device)):
+            and has_fast_bf16(weight.device)):
         return exact
     half = weight.detach().to(torch.bfloat16)
 

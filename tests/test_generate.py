@@ -102,7 +102,7 @@ def test_bad_options_name_the_option(model, tokenizer, bad, field):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, monkeypatch, fast):
-    monkeypatch.setattr(generate_module, "_fast_bf16_gemv", lambda device: fast)
+    monkeypatch.setattr(generate_module, "has_fast_bf16", lambda device: fast)
     banned = banned_ids(model, tokenizer, "cpu")
     hidden = model.hidden_states(torch.tensor([tokenizer.encode("import os\n")]))[:, -1]
     exact = model.lm_head(hidden).masked_fill(banned, float("-inf"))
@@ -119,7 +119,7 @@ def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, mon
 def test_bf16_ranked_head_decodes_the_same_tokens_as_the_plain_head(model, tokenizer, monkeypatch):
     outputs = {}
     for fast in (False, True):
-        monkeypatch.setattr(generate_module, "_fast_bf16_gemv", lambda device, fast=fast: fast)
+        monkeypatch.setattr(generate_module, "has_fast_bf16", lambda device, fast=fast: fast)
         outputs[fast] = [generate(model, tokenizer, ["def parse(text):\n"], sampling)[0] for sampling in
                          (Sampling(max_new_tokens=40, temperature=0), Sampling(max_new_tokens=40, top_k=50, seed=3))]
     assert outputs[True] == outputs[False]
