@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from base.checkpoint import load_model
-from base.config import load_recipe
+from base.config import load_recipe, split_cli_args
 from base.data import ensure_shards
+from base.errors import cli_entry
 from base.quality import describe, parse_rate, validation_loss
 from base.recipe import PretrainRecipe
 from base.tokenizer import Tokenizer
@@ -32,12 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = {"tokens": 356_000, "tok_s": 491, "val_loss": 5.63, "perplexity": 279, "parsable": 0}
 
 
+@cli_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "pretrain-cpu.yaml"))
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [recipe.yaml] [section.key=value ...] [--out DIR]")
     parser.add_argument("--out", help="run directory (default: a temporary one)")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    path, args.overrides = split_cli_args(rest, parser.format_usage())
+    args.recipe = path or str(ROOT / "recipes" / "pretrain-cpu.yaml")
     recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides)
     tokenizer = Tokenizer()
     shard_dir = ensure_shards(recipe.data, tokenizer)  # built before the clock starts
