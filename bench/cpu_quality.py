@@ -67,7 +67,7 @@ def main() -> None:
           f"block {config.block_size}, {recipe.train.batch_tokens} tokens/step, {steps} steps, "
           f"{minutes:.1f} min wall (start-up and evaluations included)")
     print(f"validation: {validation['tokens']:,} held-out tokens, every window\n")
-    print(f"| run | tokens | tok/s | val loss | perplexity | parse of 20 |\n| --- | --- | --- | --- | --- | --- |")
+    print("| run | tokens | tok/s | val loss | perplexity | parse of 20 |\n| --- | --- | --- | --- | --- | --- |")
     for name, row in (("issue 9 reference (nanoGPT-style 4x128, 12.5 min)", REFERENCE), ("this run", ours)):
         print(f"| {name} | {row['tokens']:,} | {row['tok_s']:,.0f} | {row['val_loss']:.2f} | {row['perplexity']:,.0f} | "
               f"{row['parsable']} |")
