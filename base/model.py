@@ -273,12 +273,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         grad_w = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         total = x.new_zeros((), dtype=acc_dtype)
-        # Two chunk x vocab buffers reused by every chunk: a fresh 200 MB tensor per chunk costs
-        # its page faults again on CPU, about a fifth of the head's time.
         # Under autocast the head runs in the autocast dtype, as autograd's matmul would; the
         # explicit casts are needed because autocast leaves out= variants alone.
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         head = weight.to(compute_dtype)
+        # Two chunk x vocab buffers reused by every chunk: a fresh 200 MB tensor per chunk costs
+        # its page faults again on CPU, about a fifth of the head's time.
         rows = min(chunk_size, x.shape[0])
         logits_buffer = x.new_empty((rows, weight.shape[0]), dtype=compute_dtype)
         probs_buffer = x.new_empty((rows, weight.shape[0]), dtype=acc_dtype)
@@ -295,8 +296,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # logarithm left to take; those rare rows get theirs from the logits.
             lost = labelled & ~torch.isfinite(target_nll)
             if lost.any():
-                exact = torch.logsumexp(logits[lost].to(acc_dtype), dim=-1) - logits[lost].gather(1, safe_ts[lost]).squeeze(1)
-                target_nll = target_nll.masked_scatter(lost, exact.to(acc_dtype))
+                lost_logits = logits[lost].to(acc_dtype)
+                exact = torch.logsumexp(lost_logits, dim=-1) - lost_logits.gather(1, safe_ts[lost]).squeeze(1)
+                target_nll = target_nll.masked_scatter(lost, exact)
             total += torch.where(labelled, target_nll, 0.0).sum()
             # probs become d(row loss)/d(logits) in place: softmax minus one at the target. The
             # per-row weight (1/n, or 0 without a label) scales the small matrices, not the logits.
