@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(PY) -m base.data recipes/pretrain-cpu.yaml
 	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-cpu.yaml
 	$(PY) -m tasks.build recipes/docstring-tiny.yaml
-	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml
+	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml train.resume=false
 	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged
 	$(PY) -m finetune.sample checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
 		-n 1 --temperature 0 --max-new-tokens 80
