@@ -65,8 +65,12 @@ class DocstringTask:
 
     def score(self, record: dict, completion: str) -> dict:
         """Without tests to run, a body counts when the function it completes parses (and once
-        more when it equals the original, statement for statement). HumanEval runs the code."""
+        more when it equals the original, statement for statement). HumanEval runs the code.
+        The header alone parses (a docstring is a body), so an answer that adds no statement
+        (blank, or only comments) is no body and does not count."""
         written, reference = _parsed(record["prompt"] + completion), _parsed(record["prompt"] + record["completion"])
+        if written == _parsed(record["prompt"]):
+            written = None
         return {"parses": written is not None, "exact": written is not None and written == reference}
 
 
@@ -98,11 +102,13 @@ class BugfixTask:
 
 
 def _parsed(source: str) -> str | None:
-    """The AST of `source` as a comparable string, or None if it does not parse."""
+    """The AST of `source` as a comparable string, or None if it does not parse or holds no
+    statement (a blank answer parses as an empty module, but answers nothing)."""
     try:
-        return ast.dump(ast.parse(source))
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
+    return ast.dump(tree) if tree.body else None
 
 
 def bugfix_prompt(buggy: str) -> str:

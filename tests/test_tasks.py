@@ -136,3 +136,12 @@ def test_tasks_score_answers_to_their_own_examples():
     (bug,) = TASKS["bugfix"].examples(functions, {})
     assert TASKS["bugfix"].score(bug, bug["completion"]) == {"parses": True, "exact": True}
     assert TASKS["bugfix"].score(bug, bug["buggy"]) == {"parses": True, "exact": False}
+
+
+@pytest.mark.parametrize("answer", ["", "   \n\t\n", "    # TODO\n"])
+def test_a_blank_answer_does_not_parse(answer):
+    functions = [f for f in functions_with_docstrings(MODULE, "shelf.py", {}) if f.name == "count"]
+    (doc,) = TASKS["docstring"].examples(functions, {})
+    (bug,) = TASKS["bugfix"].examples(functions, {})
+    assert TASKS["docstring"].score(doc, answer) == {"parses": False, "exact": False}
+    assert TASKS["bugfix"].score(bug, answer) == {"parses": False, "exact": False}
