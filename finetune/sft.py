@@ -50,6 +50,7 @@ def sft(recipe: SFTRecipe) -> dict:
         raise UserError(f"block_size: {block_size} exceeds the base's context of {model.config.block_size}")
     if recipe.method == "lora":
         base_hash = weights_hash(model.state_dict())
+        torch.manual_seed(recipe.train.seed)  # LoRA's initial A is drawn here, the same on every rank
         adapted = apply_lora(model, recipe.lora)  # refuses patterns that match nothing, before any work
         accelerator.print(f"LoRA r={recipe.lora.r} alpha={recipe.lora.alpha} on {len(adapted)} layers; "
                           f"{trainable_summary(model)}")
@@ -78,7 +79,6 @@ def sft(recipe: SFTRecipe) -> dict:
     if recipe.method == "lora":
         hooks = dict(write_weights=lambda d, m, meta: write_adapter_files(d, m, recipe.lora, recipe.base, base_hash, meta),
                      read_weights=read_adapter_weights)
-    torch.manual_seed(recipe.train.seed)
     trainer = Trainer(model=model, train_batches=train_rows, val_batches=val_batches, train=recipe.train,
                       log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator, recipe=recipe,
                       block_size=block_size, **hooks)

@@ -145,3 +145,27 @@ def test_prompt_labels_are_masked_and_packing_keeps_examples_apart():
     assert rows[0][1][-1] == -100
     batches = PackedBatches([([1] * 5, [1] * 5)] * 10 + [([1] * 9, [1] * 9)], block_size=8, micro_batch_size=2)
     assert batches.dropped_too_long == 1 and batches.rows_per_epoch == 10
+
+
+def test_lora_initial_weights_follow_train_seed(setup):
+    """lora_B starts at zero, so lora_A gets no gradient on the first step (and the tiny recipe has
+    no weight decay): after one step the adapter's A is still its initialisation, which must be
+    the one train.seed draws."""
+    from base.config import load_recipe
+    from finetune.lora import apply_lora, lora_layers
+    from finetune.recipe import SFTRecipe
+
+    root, overrides = setup
+    drawn = {}
+    for seed in (1, 2):
+        out = root / f"seed-{seed}"
+        result = sft(*overrides, f"out_dir={out}", "train.max_steps=1", f"train.seed={seed}")
+        assert result.returncode == 0, result.stderr
+        drawn[seed] = load_file(out / "final/adapter.safetensors")
+        recipe = load_recipe(SFTRecipe, ROOT / "recipes/docstring-tiny.yaml", [*overrides, f"train.seed={seed}"])
+        model = load_model(root / "base")
+        torch.manual_seed(seed)
+        apply_lora(model, recipe.lora)
+        for name, layer in lora_layers(model).items():
+            assert torch.equal(drawn[seed][f"{name}.lora_A"], layer.lora_A.detach()), name
+    assert not torch.equal(drawn[1]["transformer.h.0.attn.c_attn.lora_A"], drawn[2]["transformer.h.0.attn.c_attn.lora_A"])
