@@ -3,7 +3,9 @@
 Each kind lists the places in a function where that bug could be made; one is chosen and its
 source span is replaced by the mutated node's text, so the rest of the code (comments,
 formatting) is untouched and the diff is the bug alone. Every mutant parses and differs from
-the original as an AST.
+the original as an AST. Places where a change is neutral by construction are left alone:
+docstrings, messages (print, logging, warnings, assert and raise) and the order of the arguments
+of max, min and the like.
 """
 
 from __future__ import annotations
@@ -49,6 +51,44 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 ids.add(id(first.value))
     return ids
+
+
+# Bugs that change nothing a caller or a test can see are no bugs to fix: a message's text (what
+# print, logging, warnings.warn, an assert or a raised exception shows) and the order of the
+# arguments of a function that does not depend on it.
+_COMMUTATIVE = {"max", "min", "gcd", "lcm", "hypot"}
+_LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "fatal", "log"}
+
+
+def _callee(call: ast.Call) -> tuple[str, str]:
+    """(receiver, name) of a call: `logger.info(...)` -> ("logger", "info"), `max(...)` -> ("", "max")."""
+    func = call.func
+    if isinstance(func, ast.Name):
+        return "", func.id
+    if isinstance(func, ast.Attribute):
+        receiver = func.value
+        name = receiver.id if isinstance(receiver, ast.Name) else getattr(receiver, "attr", "")
+        return name, func.attr
+    return "", ""
+
+
+def _is_message(call: ast.Call) -> bool:
+    receiver, name = _callee(call)
+    return (name == "print" and not receiver) or (receiver, name) == ("warnings", "warn") or (
+        name in _LOG_METHODS and "log" in receiver.lower())  # logger.info, logging.warning; not math.log
+
+
+def _neutral_nodes(tree: ast.AST) -> set[int]:
+    """Every node inside a message (where a mutation changes only the text shown)."""
+    roots: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _is_message(node):
+            roots.append(node)
+        elif isinstance(node, ast.Raise) and node.exc is not None:
+            roots.append(node.exc)
+        elif isinstance(node, ast.Assert) and node.msg is not None:
+            roots.append(node.msg)
+    return {id(n) for root in roots for n in ast.walk(root)}
 
 
 def _scope_names(function: ast.AST) -> list[str]:
@@ -105,7 +145,7 @@ def _sites(function: ast.AST, skip: set[int]) -> Iterator[_Site]:
             yield replace("condition", node.test, lambda t=node.test: _negated(t))
             if isinstance(node, ast.If) and not node.orelse:
                 yield replace("condition", node, lambda n=node: _dropped_if(n))
-        elif isinstance(node, ast.Call) and not node.keywords:
+        elif isinstance(node, ast.Call) and not node.keywords and _callee(node)[1] not in _COMMUTATIVE:
             positional = [a for a in node.args if not isinstance(a, ast.Starred)]
             if len(positional) == len(node.args) >= 2:
                 for i in range(len(node.args) - 1):
@@ -175,7 +215,7 @@ def mutate(source: str, rng: random.Random, kinds: tuple[str, ...] = KINDS, min_
     function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
     if function is None:
         return None
-    skip = _docstring_nodes(tree)
+    skip = _docstring_nodes(tree) | _neutral_nodes(tree)
     by_kind: dict[str, list[_Site]] = {}
     for site in _sites(function, skip):
         if site.kind in kinds and site.node.lineno >= min_line:

@@ -58,3 +58,29 @@ def test_nothing_to_mutate_gives_none():
     assert mutate("x = 1\n", random.Random(0)) is None
     assert mutate("def f(:\n", random.Random(0)) is None
     assert mutate("def f():\n    pass\n", random.Random(0)) is None
+
+
+NEUTRAL = '''def pick(values, a, b, attempt):
+    """Only neutral places to mutate: messages and the order of a commutative builtin's arguments."""
+    logger.info("attempt %d of %d", attempt, 3)
+    log.warning("%s and %s", a, b)
+    warnings.warn(f"{len(values) - 1} left")
+    print("step", 2, a)
+    assert values, "need %d values" % 1
+    if not values:
+        raise ValueError("need at least %d values, got %d" % (1, len(values)))
+    return max(a, b) + min(values[0], values[-1])
+'''
+
+
+@pytest.mark.parametrize("kind", ["off_by_one", "swap_args", "arithmetic", "variable"])
+def test_neutral_places_are_never_mutated(kind):
+    """A bug in a message or in the order of max/min's arguments changes nothing a test can see."""
+    for seed in range(30):
+        mutation = mutate(NEUTRAL, random.Random(seed), kinds=(kind,))
+        if mutation is None:
+            continue
+        (line,) = [l for l in changed_lines(NEUTRAL, mutation.buggy) if l.startswith("-")]
+        assert any(place in line for place in ("return max", "if not values", "assert values")), (kind, line)
+        assert '"need %d values" % 1' in mutation.buggy  # an assert's condition may change, its message not
+        assert "max(b, a)" not in mutation.buggy and "min(values[-1], values[0])" not in mutation.buggy
