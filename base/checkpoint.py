@@ -44,17 +44,26 @@ HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "ge
 
 def provenance(**extra) -> dict:
     """Where a model came from: time, git commit, library versions, plus `extra`."""
-    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        root = Path(__file__).resolve().parent.parent
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    info["versions"] = library_versions()
+    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": code_commit(), "versions": library_versions()}
     info.update(extra)
     return info
+
+
+def code_commit() -> str | None:
+    """The commit of the repository that holds this code, or None when no repository tracks it:
+    a copy of the code inside another project's working tree records nothing rather than that
+    project's commit."""
+    here = Path(__file__).resolve()
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", here.name], cwd=here.parent,
+                                 capture_output=True, timeout=5).returncode == 0
+        if not tracked:
+            return None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here.parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def library_versions() -> dict:

@@ -144,3 +144,30 @@ def test_convert_command_round_trips_through_hugging_face(tmp_path, tiny_model):
     assert "(hf) ->" in convert(tmp_path / "hf", tmp_path / "back")
     back = load_model(tmp_path / "back")
     assert weights_hash(back.state_dict()) == weights_hash(tiny_model.state_dict())
+
+
+def git(*args, cwd):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_provenance_records_the_commit_of_the_code_not_of_an_enclosing_repository(tmp_path, tracked):
+    """A copy of the code inside another project's repository (untracked there) records no commit;
+    code that the repository holds records its commit."""
+    import shutil
+
+    outer = tmp_path / "project"
+    code = outer / "vendor/codegpt"
+    shutil.copytree(ROOT / "base", code / "base", ignore=shutil.ignore_patterns("__pycache__"))
+    git("init", "-q", cwd=outer)
+    (outer / "notes.txt").write_text("the enclosing project\n")
+    git("add", "notes.txt", *(["vendor"] if tracked else []), cwd=outer)
+    git("commit", "-q", "-m", "project", cwd=outer)
+    run_dir = outer / "runs"
+    run_dir.mkdir()
+    probe = "from base.checkpoint import provenance; print(provenance()['git_commit'])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=run_dir, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(code)})
+    assert result.stdout.strip() == (git("rev-parse", "HEAD", cwd=outer) if tracked else "None")
