@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from base.errors import UserError, cli_entry
-from base.model import GPT
+from base.model import GPT, Head, KVCache
 from base.tokenizer import Tokenizer
 
 
@@ -132,7 +132,7 @@ def next_token_head(model: GPT, sampling: Sampling, banned: torch.Tensor):
         return model.lm_head(hidden).masked_fill(banned, float("-inf"))
 
     only_top = sampling.temperature == 0 or (sampling.top_k is not None and sampling.top_k <= HEAD_CANDIDATES)
-    if not (only_top and type(model.lm_head) is torch.nn.Linear and weight.dtype == torch.float32
+    if not (only_top and type(model.lm_head) is Head and weight.dtype == torch.float32
             and has_fast_bf16(weight.device)):
         return exact
     half = weight.detach().to(torch.bfloat16)
@@ -147,6 +147,53 @@ def next_token_head(model: GPT, sampling: Sampling, banned: torch.Tensor):
         return logits[None]
 
     return ranked
+
+
+def decoder(model: GPT, cache: KVCache, head) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from one new token per row (B, 1) to next-token logits (B, V), continuing
+    `cache`. On a GPU the step is a CUDA graph replayed per token (`GraphedDecodeStep`); elsewhere
+    it runs eagerly over the cache's filled slots."""
+    if cache.key_valid.device.type == "cuda":
+        return GraphedDecodeStep(model, cache, head)
+    return lambda ids: head(model.cached_hidden_states(ids, cache)[:, -1])
+
+
+class GraphedDecodeStep:
+    """One decoding step captured once as a CUDA graph and replayed for every token.
+
+    A step of the 70M model is some hundred small kernels; launched one by one from Python they
+    take ~2.5 ms per token on an H100-class GPU, while the work itself (reading the weights once)
+    takes tens of microseconds. `GPT.decode_step` has fixed shapes and keeps the cache slot in a
+    tensor, so the whole step, head included, is one graph launch."""
+
+    def __init__(self, model: GPT, cache: KVCache, head):
+        device = cache.key_valid.device
+        self.cache = cache
+        self.ids = torch.zeros(cache.key_valid.shape[0], 1, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), cache.length, dtype=torch.long, device=device)
+
+        def step():
+            return head(model.decode_step(self.ids, self.slot, cache)[:, -1])
+
+        # Warm up outside the capture (cuBLAS handles, lazy initialisation). It writes the slot the
+        # first replay writes again.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions; {self.cache.length + 1} requested")
+        self.ids.copy_(ids)
+        self.slot.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
 
 
 @torch.no_grad()
@@ -174,8 +221,12 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
             tokens[row, -1] = start_id
             valid[row, -1] = True
     head = next_token_head(model, sampling, banned)
-    cache = model.new_cache(len(prompts))
-    logits = head(model.hidden_states(tokens, cache=cache, valid=valid)[:, -1])
+
+    def prefill(tokens, valid):
+        cache = model.new_cache(len(prompts))
+        return cache, head(model.cached_hidden_states(tokens, cache, valid)[:, -1]), decoder(model, cache, head)
+
+    cache, logits, step = prefill(tokens, valid)
     while True:
         next_ids = sample_next(logits, sampling, generator)
         yield next_ids.tolist()
@@ -184,10 +235,9 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
         if cache.length == cache.max_len:
             keep = block * 3 // 4
             tokens, valid = tokens[:, -keep:], valid[:, -keep:]
-            cache = model.new_cache(len(prompts))
-            logits = head(model.hidden_states(tokens, cache=cache, valid=valid)[:, -1])
+            cache, logits, step = prefill(tokens, valid)
         else:
-            logits = head(model.hidden_states(next_ids[:, None], cache=cache)[:, -1])
+            logits = step(next_ids[:, None])
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling) -> Iterator[tuple[int, str]]:

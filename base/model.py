@@ -4,11 +4,14 @@ Learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP 4x, toke
 to the output head, attention through `F.scaled_dot_product_attention`. Parameter names follow
 GPT-2 / nanoGPT so their checkpoints load (see `base/checkpoint.py`).
 
-Two things differ from nanoGPT's model.py:
-- the loss never holds float32 logits for the whole batch: the head and the cross-entropy run
-  in chunks of positions, and the gradient of each chunk is formed right away (`chunked_cross_entropy`);
-- inference can run with a preallocated KV cache (`KVCache`), including batches of prompts of
-  different lengths (left-padded, with the padding masked out).
+Three things differ from nanoGPT's model.py:
+- with targets, the head and the loss run together in `base/loss.py`, which never holds float32
+  logits for the whole batch; the model hands it the head's operands (`Head.operands`);
+- rows may pack several examples (`segments`): attention and positions stay inside each one;
+- inference runs with a preallocated KV cache (`KVCache`, one `LayerCache` per attention layer),
+  for batches of prompts of different lengths (left-padded, the padding masked out), and a
+  decoding step whose shapes never change, so a GPU can replay it as a CUDA graph
+  (`GPT.decode_step`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from base.config import InvalidValue
-
-IGNORE_INDEX = -100
+from base.loss import linear_cross_entropy
 
 
 @dataclass
@@ -50,6 +52,28 @@ class GPTConfig:
             raise InvalidValue("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
+class LayerCache:
+    """One attention layer's keys and values, (B, n_head, max_len, head_dim), written where the
+    `KVCache` that owns it says: a span of slots (prefill, eager decoding) or one slot held in a
+    tensor (the fixed-shape decoding step)."""
+
+    def __init__(self, owner: "KVCache", shape: tuple[int, ...], device, dtype):
+        self.owner = owner
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys and values; return the keys and values attention reads."""
+        where = self.owner.write_at
+        if isinstance(where, torch.Tensor):  # every slot comes back; the mask hides the unwritten
+            self.k.index_copy_(2, where, k)
+            self.v.index_copy_(2, where, v)
+            return self.k, self.v
+        self.k[:, :, where] = k
+        self.v[:, :, where] = v
+        return self.k[:, :, : where.stop], self.v[:, :, : where.stop]
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions, allocated once.
 
@@ -58,23 +82,24 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.layers = [LayerCache(self, shape, device, dtype) for _ in range(config.n_layer)]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.slots = torch.arange(max_len, device=device)
         self.max_len = max_len
         self.length = 0
         self.padded = False
+        self.write_at: slice | torch.Tensor = slice(0, 0)
 
     def append(self, valid: torch.Tensor) -> tuple[int, int]:
-        """Reserve the next `valid.shape[1]` positions; returns their (start, end)."""
+        """Reserve the next `valid.shape[1]` slots for the layers to write; returns (start, end)."""
         start, end = self.length, self.length + valid.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
         self.key_valid[:, start:end] = valid
         self.padded = self.padded or not bool(valid.all())
         self.length = end
+        self.write_at = slice(start, end)
         return start, end
 
     def positions(self, start: int, end: int) -> torch.Tensor:
@@ -94,6 +119,15 @@ class KVCache:
         mask |= (key_pos == query_pos)[None]
         return mask[:, None]
 
+    def slot_step(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mark the one-element tensor `slot` as the next real token of every row, with no host
+        synchronisation and no shape that depends on it; returns the rows' position ids (B, 1) and
+        the (B, 1, 1, max_len) mask of the keys they see."""
+        self.key_valid.index_fill_(1, slot, True)
+        seen = self.key_valid & (self.slots <= slot)
+        self.write_at = slot
+        return (seen.sum(1, keepdim=True) - 1), seen[:, None, None, :]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -105,19 +139,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, span=None, mask=None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerCache | None = None):
+        """`mask` (B, 1, T, keys), True = attend; None = causal. With `cache`, this step's keys and
+        values join the earlier ones."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
-        else:
-            start, end = span
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        dropout = self.dropout if self.training else 0.0
+        # A single cached query attends to every stored key: causal from the start.
+        causal = mask is None and (cache is None or T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -142,18 +175,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0, span=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, span, mask)
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    # Rows of the (positions x vocab) logits formed at once by the loss: 512 x 100,352 float32
-    # logits are about 200 MB, two such buffers are alive. Larger chunks read the head matrix
-    # fewer times; on a 2-core CPU the 128-wide head took 185, 192 and 177 ms per 512 positions
-    # in chunks of 128, 512 and 1024 rows, so 512 costs little speed and half the memory of 1024.
-    loss_chunk_size = 512
+class Head(nn.Linear):
+    """The output projection. `operands(x)` is the pair (features, weight) whose product
+    features @ weight.T is the logits, which the loss multiplies chunk by chunk; a replacement
+    head (a LoRA adapter) provides its own pair."""
 
+    def operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.weight
+
+
+class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -166,7 +202,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Head(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled so the residual stream's variance does not grow with depth.
@@ -191,40 +227,48 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                      segments: torch.Tensor | None = None):
-        """Final-LayerNorm outputs (B, T, n_embd) for token ids `idx` (B, T). `segments` (B, T)
-        numbers the examples packed into each row: attention stays inside an example and
-        positions restart at each one, so a packed row computes what separate rows would."""
-        B, T = idx.shape
-        span = mask = None
-        if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-            pos = torch.arange(T, device=idx.device)
-            if segments is not None:
-                pos, mask = segment_positions_and_mask(segments)
-        else:
-            valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
-            span = cache.append(valid)
-            pos = cache.positions(*span)
-            mask = cache.attention_mask(*span)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, span, mask)
-        return self.transformer.ln_f(x)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """With `targets` (B, T; -100 = no label): the mean cross-entropy over labelled positions.
-        Without: logits (B, T, vocab) of the positions fed, optionally through `cache`."""
-        x = self.hidden_states(idx, cache, valid, segments)
+        Without: the logits (B, T, vocab). `segments` (B, T) numbers the examples packed into each
+        row: attention stays inside an example and positions restart at each one, so a packed row
+        computes what separate rows would."""
+        x = self.hidden_states(idx, segments)
         if targets is None:
             return self.lm_head(x)
-        # A head that is not a plain linear layer (LoRA) says which (features, weight) it multiplies.
-        head_operands = getattr(self.lm_head, "as_linear_operands", lambda h: (h, self.lm_head.weight))
-        features, weight = head_operands(x.flatten(0, 1))
-        return chunked_cross_entropy(features, weight, targets.flatten(), self.loss_chunk_size)
+        features, weight = self.lm_head.operands(x.flatten(0, 1))
+        return linear_cross_entropy(features, weight, targets.flatten())
+
+    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, n_embd) of whole rows, plain or packed."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if segments is None:
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos, mask = segment_positions_and_mask(segments)
+        return self._blocks(idx, pos, mask, [None] * self.config.n_layer)
+
+    def cached_hidden_states(self, idx: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None):
+        """Final-LayerNorm outputs (B, T, n_embd) of `idx` continuing what `cache` holds, the new
+        keys and values stored. `valid` (B, T) marks real tokens (False = left padding)."""
+        span = cache.append(torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
+        return self._blocks(idx, cache.positions(*span), cache.attention_mask(*span), cache.layers)
+
+    def decode_step(self, idx: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, 1, n_embd) of one token per row (`idx`, B x 1) stored at
+        cache slot `slot` (a one-element tensor). Every shape is fixed and nothing waits for the
+        host, so the step can be captured once as a CUDA graph and replayed for each token; it
+        computes what `cached_hidden_states` does, attending over all slots under a mask."""
+        pos, mask = cache.slot_step(slot)
+        return self._blocks(idx, pos, mask, cache.layers)
+
+    def _blocks(self, idx, pos, mask, caches) -> torch.Tensor:
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, mask, cache)
+        return self.transformer.ln_f(x)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.transformer.wte.weight
@@ -242,83 +286,3 @@ def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, to
     causal = index[None, :, None] >= index[None, None, :]
     same = segments[:, :, None] == segments[:, None, :]
     return index - first, (causal & same)[:, None]
-
-
-def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """mean over targets != -100 of cross_entropy(x @ weight.T, targets), never holding more than
-    `chunk_size` rows of logits. Equal to the naive loss; when labelled rows are none, 0."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_size)
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    total = x.new_zeros((), dtype=acc_dtype)
-    for start in range(0, x.shape[0], chunk_size):
-        logits = (x[start : start + chunk_size] @ weight.T).to(acc_dtype)
-        total += F.cross_entropy(logits, targets[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Head matmul + cross-entropy whose gradient is formed chunk by chunk during the forward.
-
-    Keeping the logits for backward (what autograd would do) costs N x V floats; recomputing
-    them in backward (activation checkpointing) costs a third more head FLOPs. Forming
-    d(loss)/d(logits) = (softmax - onehot) / n in the forward and reducing it right away into
-    d/dx and d/dW needs neither: the same FLOPs as the unchunked head, one chunk of logits alive.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
-        n_labelled = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
-        total = x.new_zeros((), dtype=acc_dtype)
-        # Under autocast the head runs in the autocast dtype, as autograd's matmul would; the
-        # explicit casts are needed because autocast leaves out= variants alone.
-        autocast = torch.is_autocast_enabled(x.device.type)
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        head = weight.to(compute_dtype)
-        # Two chunk x vocab buffers reused by every chunk: a fresh 200 MB tensor per chunk costs
-        # its page faults again on CPU, about a fifth of the head's time.
-        rows = min(chunk_size, x.shape[0])
-        logits_buffer = x.new_empty((rows, weight.shape[0]), dtype=compute_dtype)
-        probs_buffer = x.new_empty((rows, weight.shape[0]), dtype=acc_dtype)
-        for start in range(0, x.shape[0], chunk_size):
-            xs, ts = x[start : start + chunk_size], targets[start : start + chunk_size]
-            labelled = ts != IGNORE_INDEX
-            safe_ts = ts.clamp(min=0)[:, None]
-            logits = torch.mm(xs.to(compute_dtype), head.T, out=logits_buffer[: len(xs)])
-            # One pass over chunk x vocab floats gives the probabilities, which are both the loss
-            # (-log p at the target) and most of the gradient; log_softmax then exp would be two.
-            probs = torch.ops.aten.softmax.int_out(logits, -1, acc_dtype, out=probs_buffer[: len(xs)])
-            target_nll = -probs.gather(1, safe_ts).squeeze(1).log()
-            # A probability that underflowed (a logit ~100 below the row's largest) has no
-            # logarithm left to take; those rare rows get theirs from the logits.
-            lost = labelled & ~torch.isfinite(target_nll)
-            if lost.any():
-                lost_logits = logits[lost].to(acc_dtype)
-                exact = torch.logsumexp(lost_logits, dim=-1) - lost_logits.gather(1, safe_ts[lost]).squeeze(1)
-                target_nll = target_nll.masked_scatter(lost, exact)
-            total += torch.where(labelled, target_nll, 0.0).sum()
-            # probs become d(row loss)/d(logits) in place: softmax minus one at the target. The
-            # per-row weight (1/n, or 0 without a label) scales the small matrices, not the logits.
-            grad = probs.scatter_add_(1, safe_ts, -torch.ones_like(probs[:, :1])).to(compute_dtype)
-            row_weight = (labelled.to(acc_dtype) / n_labelled)[:, None]
-            if grad_x is not None:
-                grad_x[start : start + chunk_size] = (grad @ head) * row_weight
-            if grad_w is not None:
-                scaled_x = (xs * row_weight.to(xs.dtype)).to(compute_dtype)
-                if grad.dtype == grad_w.dtype:
-                    grad_w.addmm_(grad.T, scaled_x)  # no chunk-sized temporary in fp32
-                else:
-                    grad_w += grad.T @ scaled_x
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total / n_labelled
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_x, grad_w = ctx.saved_tensors
-        grad_x = grad_x * grad_output if grad_x is not None else None
-        grad_w = (grad_w * grad_output).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None

@@ -83,9 +83,10 @@ class LoRALinear(nn.Module):
         """scaling * dropout(x) A^T: the r features the update reads through B."""
         return (self.lora_dropout(x) @ self.lora_A.to(x.dtype).T) * self.scaling
 
-    def as_linear_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x', W') with x' W'^T equal to this layer's output without bias: x' = [x, lora
-        features], W' = [W, B]. Lets the chunked loss apply an adapted head without its logits."""
+        features], W' = [W, B]. As the model's head (`base.model.Head.operands`), it lets the
+        loss apply the adapted head chunk by chunk without its logits."""
         if self.merged:
             return x, self.weight
         return torch.cat([x, self.lora_features(x)], dim=-1), torch.cat([self.weight, self.lora_B.to(self.weight.dtype)], dim=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from base.errors import UserError
-from base.model import IGNORE_INDEX
+from base.loss import IGNORE_INDEX
 from base.tokenizer import Tokenizer
 
 PAD_SEGMENT = -1
