@@ -2,7 +2,8 @@
 
 An adapter directory holds `adapter.safetensors` (only the lora_A / lora_B tensors) and
 `adapter.json`: the LoRA settings, the adapted module names, the base checkpoint it was trained
-on and a hash of that base's weights. Loading refuses a base with another hash.
+on (an absolute path, so the adapter finds it from any working directory) and a hash of that
+base's weights. Loading refuses a base with another hash.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def is_adapter(path: str | os.PathLike) -> bool:
 def write_adapter_files(directory: Path, model: torch.nn.Module, lora: LoRAConfig, base: str, base_hash: str,
                         meta: dict | None = None) -> None:
     save_file(adapter_state(unwrap(model)), Path(directory) / ADAPTER_FILE, metadata={"format": "pt"})
-    document = {"format": FORMAT, "lora": dataclasses.asdict(lora), "base": str(base), "base_hash": base_hash,
+    document = {"format": FORMAT, "lora": dataclasses.asdict(lora), "base": str(Path(base).resolve()), "base_hash": base_hash,
                 "provenance": meta if meta is not None else provenance()}
     atomic_write_text(Path(directory) / ADAPTER_CONFIG, json.dumps(document, indent=2) + "\n")
 
@@ -75,10 +76,12 @@ def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike
     """A model for sampling or evaluation: a base (any format the importers read), a merged
     model, or a base plus adapter. An adapter directory given as the model brings its own base.
     Returns the model and a one-line description of what was loaded."""
+    named_by = ""
     if adapter is None and is_adapter(model_path):
         adapter, model_path = model_path, read_adapter_config(model_path)["base"]
+        named_by = f" (the base {Path(adapter) / ADAPTER_CONFIG} names)"
     if not Path(model_path).exists():
-        raise UserError(f"{model_path}: base model not found")
+        raise UserError(f"{model_path}: base model not found{named_by}")
     model = load_any(model_path)
     description = f"{model_path} ({model.num_params():,} parameters)"
     if adapter is not None:

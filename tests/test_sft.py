@@ -169,3 +169,16 @@ def test_lora_initial_weights_follow_train_seed(setup):
         for name, layer in lora_layers(model).items():
             assert torch.equal(drawn[seed][f"{name}.lora_A"], layer.lora_A.detach()), name
     assert not torch.equal(drawn[1]["transformer.h.0.attn.c_attn.lora_A"], drawn[2]["transformer.h.0.attn.c_attn.lora_A"])
+
+
+def test_an_adapter_finds_its_base_from_any_working_directory(setup, tmp_path):
+    root, overrides = setup
+    relative = [o for o in overrides if not o.startswith("base=")] + ["base=base"]  # as typed in root
+    out = root / "relative-base"
+    command = [sys.executable, str(ROOT / "finetune/sft.py"), str(ROOT / "recipes/docstring-tiny.yaml"), *relative,
+               f"out_dir={out}", "train.max_steps=1"]
+    trained = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    sampled = subprocess.run([sys.executable, "-m", "finetune.sample", str(out / "final"), "--max-new-tokens", "2"],
+                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert sampled.returncode == 0, sampled.stderr
