@@ -38,11 +38,11 @@ demo: $(STAMP)
 	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-cpu.yaml
 	$(PY) -m tasks.build recipes/docstring-tiny.yaml
 	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml train.resume=false
-	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged
+	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged --overwrite
 	$(PY) -m finetune.sample checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
 		-n 1 --temperature 0 --max-new-tokens 80
 
 bench: $(STAMP)
-	$(PY) bench/loss_memory.py
-	$(PY) bench/train_throughput.py
-	$(PY) bench/tokenize_throughput.py
+	$(PY) -m bench.loss_memory
+	$(PY) -m bench.train_throughput
+	$(PY) -m bench.tokenize_throughput

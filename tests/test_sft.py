@@ -182,3 +182,36 @@ def test_an_adapter_finds_its_base_from_any_working_directory(setup, tmp_path):
     sampled = subprocess.run([sys.executable, "-m", "finetune.sample", str(out / "final"), "--max-new-tokens", "2"],
                              capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert sampled.returncode == 0, sampled.stderr
+
+
+def merge(*args):
+    return subprocess.run([sys.executable, "-m", "finetune.merge", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_merge_never_writes_over_the_base_or_what_the_user_did_not_ask_to(setup, tmp_path):
+    root, overrides = setup
+    adapter = root / "merge-target-source/final"
+    assert sft(*overrides, f"out_dir={adapter.parent}", "train.max_steps=1").returncode == 0
+    base_bytes = (root / "base/model.safetensors").read_bytes()
+    for args in ([adapter, root / "base"], [adapter, root / "base", "--overwrite"], [adapter, adapter, "--overwrite"],
+                 [adapter, root, "--overwrite"]):
+        refused = merge(*args)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "never" in refused.stderr
+    assert (root / "base/model.safetensors").read_bytes() == base_bytes and (adapter / "adapter.json").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    for flags in ([], ["--overwrite"]):  # --overwrite replaces a model directory, not any directory
+        refused = merge(adapter, mine, *flags)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "notes.txt" in refused.stderr
+    assert sorted(os.listdir(mine)) == ["notes.txt"]
+
+    assert merge(adapter, tmp_path / "merged").returncode == 0
+    again = merge(adapter, tmp_path / "merged")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    replaced = merge(adapter, tmp_path / "merged", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(os.listdir(tmp_path / "merged")) == ["config.json", "model.safetensors"]
