@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -191,14 +192,20 @@ def _convert(tp: Any, value: Any, key: str, where: _Where) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads `6e-4` (no dot) as a string; a float field takes it as the number it means.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # `.inf` or `nan` passes every range check written as a comparison, then trains to NaN.
+            if not math.isfinite(number):
+                raise _error(where, key, f"must be a finite number, got {value}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -97,3 +97,11 @@ def test_command_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'missing'}: no such file or directory\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    path = write(tmp_path, f"train:\n  warmup_steps: 0\n  lr: {value}\n")
+    assert error_of(path).startswith(f"{path}:3: train.lr: must be a finite number, got ")
+    assert error_of(None, [f"train.grad_clip={value.lstrip('.-')}"]).startswith(
+        "<command line>: train.grad_clip: must be a finite number")
