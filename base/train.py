@@ -1,7 +1,8 @@
 """The training loop shared by pretraining and fine-tuning.
 
 One optimizer step = `accumulation` micro-batches on every process, reaching the recipe's batch
-in tokens. AdamW with decay on matrices only, linear warmup then cosine to `min_lr`, gradient
+in tokens; its gradient, the logged loss and the validation loss are means over labelled targets
+(packed SFT rows label only completions), not means of per-batch means. AdamW with decay on matrices only, linear warmup then cosine to `min_lr`, gradient
 clipping, mixed precision and DDP through Accelerate, periodic validation, checkpoints that
 resume exactly (weights, optimizer, step, RNG states, data cursor), metrics to
 `metrics.jsonl`, wandb and PNG plots.
@@ -34,6 +35,7 @@ from base.checkpoint import provenance, read_model_weights, unwrap, write_model_
 from base.config import dump_recipe
 from base.errors import UserError
 from base.fileio import atomic_directory, atomic_write_text, recover
+from base.loss import IGNORE_INDEX
 from base.metrics import MetricsLog
 from base.recipe import LogConfig, TrainConfig
 
@@ -110,6 +112,11 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
             recover(out_dir / path.name[:-4])
     steps = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(steps)]
+
+
+def labelled_targets(batch: tuple) -> int:
+    """How many targets of a batch (inputs, targets, ...) carry a label (not IGNORE_INDEX)."""
+    return int((batch[1] != IGNORE_INDEX).sum())
 
 
 def _rng_state() -> dict:
@@ -215,14 +222,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The mean loss over every labelled target of the validation batches on all ranks: each
+        batch's mean weighs by its labelled targets, so a batch of short examples weighs less."""
         self.model.eval()
         total = torch.zeros((), device=self.accelerator.device)
         count = torch.zeros((), device=self.accelerator.device)
         for batch in self.val_batches():
+            labelled = labelled_targets(batch)
             x, y, segments = self._on_device(batch)
             with self.accelerator.autocast():
-                total += self.model(x, y, segments=segments).float()
-            count += 1
+                total += self.model(x, y, segments=segments).float() * labelled
+            count += labelled
         self.model.train()
         total, count = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(count, "sum")
         if count.item() == 0:
@@ -253,22 +263,34 @@ class Trainer:
             lr = learning_rate(self.step, train)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            # The step's gradient is the mean over every labelled target of every rank's
+            # micro-batches: each micro-batch's mean loss weighs by its share of the step's targets,
+            # whose count all ranks need before their first backward (one all-reduce, batches drawn
+            # ahead). DDP then averages over ranks, hence the factor of num_processes.
+            batches = [self.train_batches.next_batch() for _ in range(self.accumulation)]
+            counts = [labelled_targets(batch) for batch in batches]
+            step_targets = sum(counts)
+            if acc.num_processes > 1:
+                step_targets = int(acc.reduce(torch.tensor(step_targets, device=acc.device), "sum").item())
             loss_sum = torch.zeros((), device=acc.device)
-            for micro in range(self.accumulation):
-                x, y, segments = self._on_device(self.train_batches.next_batch())
+            for micro, (batch, labelled) in enumerate(zip(batches, counts)):
+                x, y, segments = self._on_device(batch)
                 # DDP needs to all-reduce gradients only once per optimizer step.
                 sync = micro == self.accumulation - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                     with acc.autocast():
                         loss = self.model(x, y, segments=segments)
-                    acc.backward(loss / self.accumulation)
-                loss_sum += loss.detach().float()
+                    # A division, so that equal counts (pretraining) divide by exactly the
+                    # accumulation, bit for bit a plain mean over micro-batches. A micro-batch
+                    # without labels has a zero loss and a zero gradient.
+                    acc.backward(loss / (step_targets / (acc.num_processes * labelled)) if labelled else loss)
+                loss_sum += loss.detach().float() * labelled
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens_seen += tokens_per_step
-            loss_mean = acc.reduce(loss_sum / self.accumulation, "mean").item()
+            loss_mean = (acc.reduce(loss_sum, "sum") / max(step_targets, 1)).item()
             elapsed = time.perf_counter() - started
             last = {"step": self.step, "loss": loss_mean, "lr": lr, "tokens": self.tokens_seen,
                     "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,

@@ -114,3 +114,61 @@ def test_wandb_offline_logs_without_a_key_or_network(tmp_path, monkeypatch):
     run_loop(tmp_path / "run", max_steps=2, wandb="offline")
     runs = list((tmp_path / "run/wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+class MaskedBatches(ListBatches):
+    """Batches whose rows carry very different numbers of labelled targets (the rest -100), as
+    packed SFT rows do."""
+
+    def __init__(self, seed, labelled, **kwargs):
+        super().__init__(seed, **kwargs)
+        self.labelled = labelled  # labelled targets per row of each batch, cycling
+
+    def next_batch(self):
+        x, y = super().next_batch()
+        keep = self.labelled[(self.cursor // self.batch - 1) % len(self.labelled)]
+        y = y.clone()
+        y[:, keep:] = -100
+        return x, y
+
+
+def per_token_mean(model, batches):
+    """The mean loss over every labelled target of `batches`, from the model's per-batch means."""
+    total = count = 0.0
+    for x, y in batches:
+        n = (y != -100).sum().item()
+        total += model(x, y).double().item() * n
+        count += n
+    return total / count
+
+
+def test_losses_and_the_gradient_are_per_token_means_over_the_step(tmp_path):
+    """A micro-batch with few labelled targets weighs by its targets, not as much as a full one:
+    in the logged train loss, in the validation loss, and in the step's gradient."""
+    train = TrainConfig(batch_tokens=256, micro_batch_size=4, max_steps=1, warmup_steps=0, lr=1e-2, min_lr=1e-3,
+                        grad_clip=0.0, eval_interval=1, eval_tokens=256, checkpoint_interval=100)
+    recipe = PretrainRecipe(out_dir=str(tmp_path), model=tiny_config(), train=train,
+                            log=LogConfig(wandb="disabled", log_interval=1))
+    torch.manual_seed(0)
+    model = GPT(recipe.model)
+    reference = GPT(recipe.model)
+    reference.load_state_dict(model.state_dict())
+    step_batches = [b for source in [MaskedBatches(seed=0, labelled=[32, 2])] for b in
+                    (source.next_batch(), source.next_batch())]
+    val_batches = [b for source in [MaskedBatches(seed=1, rows=8, labelled=[1, 32])] for b in
+                   (source.next_batch(), source.next_batch())]
+    trainer = Trainer(model, MaskedBatches(seed=0, labelled=[32, 2]), lambda: iter(val_batches), train, recipe.log,
+                      tmp_path, make_accelerator(train), recipe, block_size=32)
+    last = trainer.run()
+
+    expected_train = per_token_mean(reference, step_batches)
+    assert last["loss"] == pytest.approx(expected_train, rel=1e-5)
+    optimizer = make_optimizer(reference, train, torch.device("cpu"))
+    total = sum((y != -100).sum() for _, y in step_batches)
+    loss = sum(reference(x, y) * (y != -100).sum() / total for x, y in step_batches)
+    loss.backward()
+    optimizer.step()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        assert last["val_loss"] == pytest.approx(per_token_mean(model.eval(), val_batches), rel=1e-5)
