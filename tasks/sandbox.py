@@ -1,17 +1,33 @@
 """Running model-generated programs: each in its own process, directory and limits.
 
-Where this process is root and `unshare` works (Linux containers and CI here), every program
-runs inside fresh network, mount and PID namespaces (tasks/sandbox_runner.py): no network at all,
-empty private /tmp, /var/tmp and /dev/shm, an unprivileged uid of its own (one per worker slot,
-so a fork bomb meets RLIMIT_NPROC and the program cannot write the machine's files), CPU-time,
-address-space, file-size and process limits, and on timeout the whole namespace dies with it.
+Where this process is root and `unshare` works (Linux containers and CI here), every program runs
+inside fresh network, mount, PID and IPC namespaces (tasks/sandbox_runner.py): no network at all,
+every mount of the machine read-only, so the only writable places are its own empty /tmp, /var/tmp
+and /dev/shm (tmpfs, 64 MiB each, gone with it), a proc of its own that shows no process of the
+machine, System V IPC that dies with it, an unprivileged uid of its own (one per worker slot, so a
+fork bomb meets RLIMIT_NPROC), CPU-time, address-space, file-size and process limits, and on
+timeout the whole namespace dies with it.
 
 Elsewhere (not root, no namespaces) the fallback is weaker and says so in `isolation()`: a new
 session killed as a group, the same resource limits (the process limit then counts all of the
-user's processes), a fresh temporary directory as cwd, no network isolation.
+user's processes), a fresh temporary directory as cwd, and no isolation of network, files, IPC or
+processes.
 
-A program passes only if it runs to its end: the runner prints a nonce afterwards, so
-`sys.exit(0)` or `os._exit(0)` midway is a failure like any other.
+The verdict rests on no secret: a program passes only if the runner's own last line, reached after
+the program ran to its end, sends a message with a file descriptor attached over a socket, and the
+judge (the runner, or this module in the fallback) takes it only from the program's pid, as the
+kernel reports it. Printing anything, writing to any descriptor, `sys.exit(0)` or `os._exit(0)`
+midway all fail. A guard (an audit hook, in place before the program starts) refuses what would let
+the program send that message itself: making any socket object, except on that line; tracing;
+other threads' frames and gc walks; new audit hooks; exec in place; subinterpreters; ctypes and
+native modules from outside the standard library. A refused call ends the program as a failure.
+
+What one process cannot close: the program and its tests share an interpreter, so an answer that
+returns objects equal to everything, or replaces what the tests call, passes; the sandbox judges
+that the program ran to its end, not that its tests are sound. A program that corrupts the
+interpreter's memory (hand-made bytecode through marshal or code objects, a CPython memory bug) can
+do whatever the last line does. In the fallback the program is dumpable and runs as the user, so a
+helper process it starts can ptrace it.
 """
 
 from __future__ import annotations
@@ -21,7 +37,6 @@ import functools
 import os
 import queue
 import resource
-import secrets
 import shutil
 import signal
 import subprocess
@@ -32,6 +47,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.sandbox_runner import WRAPPER, judge, verdict_channel
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 FIRST_UID = 61_000  # uids 61000.. are unused on Debian-like systems; one per worker slot
@@ -63,7 +80,8 @@ def isolation() -> str:
     if os.name != "posix" or os.geteuid() != 0 or shutil.which("unshare") is None:
         return "rlimits"
     try:
-        probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "true"],
+        probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--ipc", "--fork", "--kill-child",
+                                "--mount-proc", "true"],
                                capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "rlimits"
@@ -94,25 +112,27 @@ def _fallback_limits(limits: Limits):
 
 def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
     """Run `code` as a Python program under the sandbox; never raises for what the program does."""
-    nonce = secrets.token_hex(16)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if isolation() == "namespaces":
-            argv = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", sys.executable, "-I",
+            argv = ["unshare", "--net", "--mount", "--pid", "--ipc", "--fork", "--kill-child", sys.executable, "-I",
                     str(RUNNER), str(FIRST_UID + slot), str(limits.cpu_seconds), str(limits.memory_bytes),
                     str(limits.file_bytes), str(limits.processes)]
-            stdin_data = (nonce + "\n").encode() + code.encode()
-            cwd, preexec = "/", None
+            stdin_data, cwd, preexec, channel = code.encode(), "/", None, None
         else:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="codegpt-sandbox-"))
             Path(workdir, "program.py").write_text(code)
-            from tasks.sandbox_runner import WRAPPER
-
-            argv = [sys.executable, "-I", "-c", WRAPPER, nonce]
+            ours, theirs = channel = verdict_channel()
+            stack.callback(ours.close)
+            stack.callback(theirs.close)
+            argv = [sys.executable, "-I", "-c", WRAPPER, str(theirs.fileno()), "-1"]
             stdin_data, cwd, preexec = b"", workdir, _fallback_limits(limits)
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, start_new_session=True, preexec_fn=preexec,
+                                pass_fds=[channel[1].fileno()] if channel else (),
                                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+        if channel:
+            channel[1].close()
         out, err, overflow = [], [], threading.Event()
         readers = [threading.Thread(target=_read_capped, args=(s, limits.output_bytes, sink, overflow), daemon=True)
                    for s, sink in ((proc.stdout, out), (proc.stderr, err))]
@@ -136,15 +156,15 @@ def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
         proc.wait()
         for reader in readers:
             reader.join(timeout=5)
+        # Under namespaces the runner has judged already; here the program is our own child.
+        returncode, note = judge(proc.returncode, channel[0], proc.pid) if channel else (proc.returncode, "")
     stdout = b"".join(out).decode("utf-8", errors="replace")
-    stderr = b"".join(err).decode("utf-8", errors="replace")
-    finished = stdout.rstrip().endswith(nonce)
-    if status is None and proc.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+    stderr = b"".join(err).decode("utf-8", errors="replace") + note
+    if status is None and returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         status = "timeout"  # the CPU-time limit (the runner reports its child's signal as 128 + n)
     if status is None:
-        status = "passed" if proc.returncode == 0 and finished else "failed"
-    stdout = stdout.rstrip()[: -len(nonce)].rstrip("\n") if finished else stdout
-    return Outcome(status == "passed", status, proc.returncode, stdout, stderr, time.perf_counter() - started)
+        status = "passed" if returncode == 0 else "failed"
+    return Outcome(status == "passed", status, returncode, stdout, stderr, time.perf_counter() - started)
 
 
 def run_many(programs: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:

@@ -1,9 +1,12 @@
 """The sandbox survives hostile programs, reports each as a failure, and leaves the machine as it was."""
 
 import os
+import re
+import secrets
 import time
 from pathlib import Path
 
+import pytest
 
 import tasks.sandbox as sandbox
 from tasks.sandbox import Limits, run, run_many
@@ -20,7 +23,9 @@ def hostile_programs(victim: Path) -> dict[str, str]:
         "memory hog": "blocks = []\nwhile True:\n    blocks.append(bytearray(100 << 20))",
         "write outside": f"open({str(victim)!r}, 'w').write('pwned')\nopen({str(ROOT / 'PWNED')!r}, 'w').write('x')",
         "delete outside": f"import shutil\nshutil.rmtree({str(victim.parent)!r})",
-        "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+        # From a helper process: the program itself may not even make a socket.
+        "network": "import subprocess, sys\nsubprocess.run([sys.executable, '-c', \"import socket; "
+                   "socket.create_connection(('127.0.0.1', 22), timeout=1)\"], check=True)",
         "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)",
         "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)",
         "sys.exit(0)": "import sys\nsys.exit(0)\nassert False",
@@ -45,7 +50,7 @@ def test_hostile_programs_fail_and_change_nothing_outside(tmp_path):
     assert len(outcomes["huge output"].stdout) <= LIMITS.output_bytes
     assert victim.read_text() == "keep me" and not (ROOT / "PWNED").exists()
     # The evaluator is alive and the sandbox still works after all of that.
-    assert run("print(sum(range(10)))", LIMITS).stdout == "45"
+    assert run("print(sum(range(10)))", LIMITS).stdout == "45\n"
     if sandbox.isolation() == "namespaces":
         assert "Network is unreachable" in outcomes["network"].stderr
         assert os.popen(f"ps -u {sandbox.FIRST_UID} -u {sandbox.FIRST_UID + 1} -o pid=").read().strip() == ""
@@ -53,7 +58,7 @@ def test_hostile_programs_fail_and_change_nothing_outside(tmp_path):
 
 def test_a_correct_program_passes_and_its_output_comes_back():
     outcome = run("import math\nprint(math.factorial(5))\nassert math.gcd(12, 18) == 6", LIMITS)
-    assert outcome.passed and outcome.status == "passed" and outcome.stdout == "120"
+    assert outcome.passed and outcome.status == "passed" and outcome.stdout == "120\n"
 
 
 def test_failures_carry_the_traceback():
@@ -79,3 +84,82 @@ def test_works_from_a_virtual_environment_under_tmp(tmp_path):
                              "from tasks.sandbox import run; print(run('print(6 * 7)').stdout)"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "42", result.stderr
+
+
+namespaces_only = pytest.mark.skipif(sandbox.isolation() != "namespaces", reason="needs the namespace sandbox")
+PSEUDO_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs", "securityfs", "pstore",
+             "bpf", "configfs", "fusectl", "binfmt_misc", "autofs", "efivarfs", "nsfs"}
+
+
+def world_writable_dirs() -> list[str]:
+    """Every world-writable directory of this machine, found by walking each mount of /proc/self/mountinfo."""
+    found = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, fstype = line.split(" - ")[0].split(), line.split(" - ")[1].split()[0]
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+        if fstype in PSEUDO_FS or not os.path.isdir(point):
+            continue
+        device, stack = os.stat(point).st_dev, [point]
+        if os.stat(point).st_mode & 0o002:
+            found.add(point)
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if not entry.is_dir(follow_symlinks=False) or st.st_dev != device:
+                            continue
+                        if st.st_mode & 0o002:
+                            found.add(entry.path)
+                        if os.access(entry.path, os.R_OK | os.X_OK):
+                            stack.append(entry.path)
+                    except OSError:
+                        continue
+    return sorted(found)
+
+
+@namespaces_only
+def test_no_writable_place_is_shared_with_the_host():
+    places = world_writable_dirs()
+    assert "/tmp" in places  # the walk works (and /run/lock is among them where the host has it)
+    name = f"codegpt-sandbox-probe-{secrets.token_hex(8)}"
+    code = (f"import os\nfor d in {places!r}:\n    try:\n"
+            f"        with open(os.path.join(d, {name!r}), 'wb') as f:\n            f.write(b'x' * (1 << 20))\n"
+            f"        print('wrote', d)\n    except OSError as e:\n        print('refused', d, e.errno)\n")
+    try:
+        outcome = run(code, LIMITS)
+        assert outcome.passed, outcome
+        # Inside, writes land only on the sandbox's own scratch space; nothing reaches the host.
+        assert [p for p in places if os.path.exists(os.path.join(p, name))] == []
+    finally:
+        for p in places:
+            Path(p, name).unlink(missing_ok=True)
+
+
+def shared_memory_segments(size: int) -> list[str]:
+    rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return [row.split()[1] for row in rows if int(row.split()[3]) == size]
+
+
+@namespaces_only
+def test_system_v_ipc_does_not_outlive_the_run():
+    size = (8 << 20) + 4096 * secrets.randbelow(1000)  # a size no other segment has
+    before = shared_memory_segments(size)
+    try:
+        outcome = run(f"import subprocess\nsubprocess.run(['ipcmk', '-M', '{size}'], check=True)", LIMITS)
+        assert outcome.passed, outcome
+        assert shared_memory_segments(size) == before
+    finally:
+        for shmid in set(shared_memory_segments(size)) - set(before):
+            os.system(f"ipcrm -m {shmid}")
+
+
+@namespaces_only
+def test_the_program_sees_only_its_own_processes():
+    code = ("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+            "try:\n    print(open('/proc/1/cmdline', 'rb').read())\nexcept OSError as e:\n    print('refused', e.errno)")
+    outcome = run(code, LIMITS)
+    assert outcome.passed, outcome
+    pids, first = outcome.stdout.splitlines()[:2]
+    assert len(eval(pids)) <= 2, pids  # itself (and the sandbox's init where it is visible)
+    assert open("/proc/1/cmdline", "rb").read() not in first.encode()
