@@ -126,6 +126,7 @@ class _Encoder:
 
     def __init__(self, tokenizer_name: str, workers: int):
         self.workers, self.pool = workers, None
+        self.in_flight: deque = deque()
         if workers > 1:
             # fork: workers inherit the loaded encoding instead of each reading the BPE file again.
             context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
@@ -135,7 +136,7 @@ class _Encoder:
 
     def __call__(self, items: Iterator[tuple[Document | None, FilterReport]]) -> Iterator[tuple]:
         """(document or None, drops before it, quality problem, tokens) for each item."""
-        in_flight: deque = deque()
+        in_flight = self.in_flight
         for chunk in _chunks(items):
             texts = [doc.content for doc, _ in chunk if doc is not None]
             in_flight.append((chunk, self.pool.apply_async(_process, (texts,)) if self.pool else _process(texts)))
@@ -146,7 +147,13 @@ class _Encoder:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()  # tasks still in flight were read past a cap: nothing to wait for
+            # Tasks still in flight (read past a cap) finish first: terminating a pool while a
+            # worker writes a large result into a full pipe deadlocks (the worker holds the result
+            # queue's lock that terminate needs).
+            for _, result in self.in_flight:
+                result.wait()
+            self.in_flight.clear()
+            self.pool.close()
             self.pool.join()
 
 
