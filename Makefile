@@ -43,6 +43,6 @@ demo: $(STAMP)
 		-n 1 --temperature 0 --max-new-tokens 80
 
 bench: $(STAMP)
-	$(PY) bench/loss_memory.py
-	$(PY) bench/train_throughput.py
-	$(PY) bench/tokenize_throughput.py
+	$(PY) -m bench.loss_memory
+	$(PY) -m bench.train_throughput
+	$(PY) -m bench.tokenize_throughput

@@ -12,38 +12,57 @@ exactly its final completion.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 
-from base.errors import UserError, cli_entry
+from base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from base.model import GPT, Head, KVCache
 from base.tokenizer import Tokenizer
+
+# Below this, logits / temperature overflow float32 into inf and NaN; such a temperature means
+# greedy, which is temperature 0.
+MIN_TEMPERATURE = 1e-4
+# torch.Generator takes seeds below 2**64; derived seeds (seed + sample index) stay under it.
+MAX_SEED = 2**63 - 1
+
+
+class BadOption(UserError):
+    """A sampling option out of range. `field` names it: the server answers 400 naming the
+    field, the command line names the flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0 = greedy; else at least MIN_TEMPERATURE
     top_k: int | None = None
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = None  # 0 to MAX_SEED; None draws a fresh one
 
     def check(self) -> None:
-        """UserError naming the first bad option."""
+        """BadOption naming the first bad option."""
         if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+            raise BadOption("max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise BadOption("temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                                           f"got {self.temperature:g}")
         if self.top_k is not None and self.top_k <= 0:
-            raise UserError(f"top_k must be positive, got {self.top_k}")
+            raise BadOption("top_k", f"must be positive, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise BadOption("top_p", f"must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise UserError("stop strings must not be empty")
+            raise BadOption("stop", "stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise BadOption("seed", f"must be in [0, 2**63 - 1], got {self.seed}")
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -149,11 +168,11 @@ def next_token_head(model: GPT, sampling: Sampling, banned: torch.Tensor):
     return ranked
 
 
-def decoder(model: GPT, cache: KVCache, head) -> Callable[[torch.Tensor], torch.Tensor]:
+def decoder(model: GPT, cache: KVCache, head, graphs: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from one new token per row (B, 1) to next-token logits (B, V), continuing
-    `cache`. On a GPU the step is a CUDA graph replayed per token (`GraphedDecodeStep`); elsewhere
-    it runs eagerly over the cache's filled slots."""
-    if cache.key_valid.device.type == "cuda":
+    `cache`. On a GPU the step is a CUDA graph replayed per token (`GraphedDecodeStep`) unless
+    `graphs` is False; elsewhere it runs eagerly over the cache's filled slots."""
+    if graphs and cache.key_valid.device.type == "cuda":
         return GraphedDecodeStep(model, cache, head)
     return lambda ids: head(model.cached_hidden_states(ids, cache)[:, -1])
 
@@ -198,10 +217,11 @@ class GraphedDecodeStep:
 
 @torch.no_grad()
 def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned: torch.Tensor,
-                 start_id: int) -> Iterator[list[int]]:
+                 start_id: int, graphs: bool = True) -> Iterator[list[int]]:
     """Yield the next token of every row, forever (the caller stops). Prompts are left-padded to
     one length; when the context fills, the cache is rebuilt from the last 3/4 of it. `banned`
-    (a bool mask over the vocabulary) is never sampled; an empty prompt starts from `start_id`."""
+    (a bool mask over the vocabulary) is never sampled; an empty prompt starts from `start_id`.
+    `graphs=False` decodes without CUDA graphs (to compare against)."""
     device = banned.device
     block = model.config.block_size
     generator = torch.Generator(device=device)
@@ -224,7 +244,7 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
 
     def prefill(tokens, valid):
         cache = model.new_cache(len(prompts))
-        return cache, head(model.cached_hidden_states(tokens, cache, valid)[:, -1]), decoder(model, cache, head)
+        return cache, head(model.cached_hidden_states(tokens, cache, valid)[:, -1]), decoder(model, cache, head, graphs)
 
     cache, logits, step = prefill(tokens, valid)
     while True:
@@ -279,17 +299,21 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sam
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
-    group.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy")
+    group.add_argument("--temperature", type=float, default=Sampling.temperature,
+                       help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--top-p", type=float, default=None)
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); \\n escapes work")
-    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--seed", type=int, default=None, help="0 to 2**63 - 1")
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     stop = [s.encode().decode("unicode_escape") for s in args.stop]
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop, args.seed)
-    sampling.check()
+    try:
+        sampling.check()
+    except BadOption as bad:
+        raise UserError(f"--{bad.field.replace('_', '-')}: {bad.message}") from None
     return sampling
 
 
@@ -313,10 +337,12 @@ def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.file:
         try:
-            with open(args.file) as f:
+            with open(args.file, encoding="utf-8") as f:
                 return [f.read()]
         except OSError as err:
             raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
     return [args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt]
 
 
@@ -326,18 +352,19 @@ def main(argv: list[str] | None = None) -> None:
 
     from base.checkpoint import load_any
 
-    parser = argparse.ArgumentParser(description="Sample from a CodeGPT model (ours, nanoGPT .pt or HF GPT-2).")
+    parser = ArgumentParser(description="Sample from a CodeGPT model (ours, nanoGPT .pt or HF GPT-2).")
     parser.add_argument("model", help="checkpoint directory or file")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default="def ", help="prompt text")
     source.add_argument("--file", help="read the prompt from this file")
     parser.add_argument("--escapes", action="store_true", help="interpret \\n and \\t in --prompt")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--num-samples", type=positive_int, default=1)
     add_sampling_args(parser)
     args = parser.parse_args(argv)
     sampling = sampling_from_args(args)
+    prompts = read_prompts(args) * args.num_samples  # before the model loads: a bad file is reported at once
     model = load_any(args.model, device=PartialState().device)
-    print_stream(model, Tokenizer(), read_prompts(args) * args.num_samples, sampling)
+    print_stream(model, Tokenizer(), prompts, sampling)
 
 
 if __name__ == "__main__":

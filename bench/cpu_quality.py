@@ -6,8 +6,8 @@ validation loss and perplexity over every window of the held-out files, and how 
 samples parse. Prints them next to issue 9's reference (a nanoGPT-style 4x128 model trained for
 the same 12.5 minutes on this machine) and the targets.
 
-    .venv/bin/python bench/cpu_quality.py                                     # the 12.5-minute budget
-    .venv/bin/python bench/cpu_quality.py train.max_steps=1720 train.warmup_steps=60  # one CPU-hour
+    .venv/bin/python -m bench.cpu_quality                                     # the 12.5-minute budget
+    .venv/bin/python -m bench.cpu_quality train.max_steps=1720 train.warmup_steps=60  # one CPU-hour
 """
 
 from __future__ import annotations

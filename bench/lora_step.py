@@ -4,7 +4,7 @@ peft's LoRA on the equivalent Hugging Face GPT2LMHeadModel (same architecture, r
 Each contender runs in its own process (peak memory is per process); step time is the median of
 the timed steps after one warm-up step. peft and transformers are bench-only extras.
 
-    .venv/bin/python bench/lora_step.py [--batch 4] [--block 512] [--steps 3]
+    .venv/bin/python -m bench.lora_step [--batch 4] [--block 512] [--steps 3]
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch
 
 from base.model import GPT, GPTConfig
 from finetune.lora import LoRAConfig, apply_lora
-from loss_memory import peak_rss_mib  # sibling benchmarks (bench/ is on the path when run as a script)
-from peers import hf_gpt2
+from bench.common import hf_gpt2, peak_rss_mib
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -74,7 +73,7 @@ def main() -> None:
         return
     rows = []
     for kind in ("ours-lora", "ours-full", "peft-lora"):
-        out = subprocess.run([sys.executable, __file__, "--worker", kind, *(f"--{k}={getattr(args, k)}" for k in
+        out = subprocess.run([sys.executable, "-m", "bench.lora_step", "--worker", kind, *(f"--{k}={getattr(args, k)}" for k in
                               ("batch", "block", "steps", "rank", "alpha"))], capture_output=True, text=True)
         if out.returncode:
             print(f"{kind}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

@@ -6,7 +6,7 @@ dropout 0.1 and with 0.0: on CPU, PyTorch's fused attention has no dropout, so a
 falls back to the math kernel and its T x T matrices (about 0.5 GB a layer here); on CUDA the
 flash kernel does dropout and the two settings cost the same.
 
-    .venv/bin/python bench/loss_memory.py [--batch 4] [--block 1024] [--device cpu|cuda]
+    .venv/bin/python -m bench.loss_memory [--batch 4] [--block 1024] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -21,25 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from base.model import GPT, GPTConfig
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries
-    ru_maxrss over from the parent across fork and exec, so a worker started by a big parent
-    would report the parent's peak."""
-    return _status_mib("VmHWM")
+from bench.common import peak_rss_mib, rss_mib
 
 
 def worker(loss_kind: str, batch: int, block: int, device: str, dropout: float) -> dict:
@@ -83,7 +65,7 @@ def main() -> None:
     rows = []
     for dropout in (0.1, 0.0):
         for kind in ("chunked", "naive"):
-            out = subprocess.run([sys.executable, __file__, "--worker", kind, "--batch", str(args.batch),
+            out = subprocess.run([sys.executable, "-m", "bench.loss_memory", "--worker", kind, "--batch", str(args.batch),
                                   "--block", str(args.block), "--device", args.device, "--dropout", str(dropout)],
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -7,7 +7,7 @@ rounds and each figure is a median with its spread (max - min). Peak memory and 
 contender in a fresh process. fp32 on CPU, dropout 0 (PyTorch's fused CPU attention has no dropout
 and both sides would fall back to the same math kernel).
 
-    .venv/bin/python bench/peers.py [--rounds 5]
+    .venv/bin/python -m bench.peers [--rounds 5]
 
 a. train step tokens/s, seed config, 1x1024 and 2x256 fp32 (and 1x1024 bf16 autocast where the CPU
    has native bf16)                                        b. peak memory of a train step at 4x1024
@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run as scripts
-from loss_memory import peak_rss_mib  # noqa: E402
-from train_throughput import flops_per_token, matmul_peak  # noqa: E402
-
-from base.checkpoint import export_hf  # noqa: E402
-from base.generate import Sampling, has_fast_bf16, banned_ids, token_steps  # noqa: E402
-from base.model import GPT, GPTConfig  # noqa: E402
-from base.tokenizer import Tokenizer  # noqa: E402
+from base.checkpoint import export_hf
+from base.generate import Sampling, banned_ids, has_fast_bf16, token_steps
+from base.model import GPT, GPTConfig
+from base.tokenizer import Tokenizer
+from bench.common import flops_per_token, hf_gpt2, matmul_peak, peak_rss_mib, summary, timed
 
 CONFIG = GPTConfig(dropout=0.0)
 
@@ -63,28 +57,6 @@ def train_step_fn(kind: str, model, batch: int, block: int, bf16: bool = False):
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def summary(times: list[float], work: float) -> dict:
-    rates = [work / t for t in times]
-    return {"median": statistics.median(rates), "spread": max(rates) - min(rates)}
-
-
-def hf_gpt2(config: GPTConfig):
-    """transformers' GPT-2 with our architecture, built directly (no second model in memory)."""
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, activation_function="gelu_pytorch_tanh", resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout, attn_pdrop=config.dropout, attn_implementation="sdpa"))
 
 
 def memory_worker(kind: str) -> dict:
@@ -180,13 +152,13 @@ def main() -> None:
     # b. peak memory, d. LoRA: fresh processes
     memory = {}
     for kind in ("ours", "hf"):
-        out = subprocess.run([sys.executable, __file__, "--worker", kind], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "bench.peers", "--worker", kind], capture_output=True, text=True, check=True)
         memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     rows.append(("train step peak MiB 4x1024", {"median": memory["ours"], "spread": 0}, {"median": memory["hf"], "spread": 0},
                  memory["ours"] / memory["hf"], "<= 0.4x"))
     lora = {}
     for kind in ("ours-lora", "peft-lora"):
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("lora_step.py")), "--worker", kind],
+        out = subprocess.run([sys.executable, "-m", "bench.lora_step", "--worker", kind],
                              capture_output=True, text=True, check=True)
         lora[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     rows.append(("LoRA step tokens/s 4x512", {"median": 2048 / lora["ours-lora"]["step_s"], "spread": 0},

