@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,6 +78,22 @@ def recover(path: str | os.PathLike) -> None:
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
+
+
+def remove_temporaries(directory: str | os.PathLike, names: str) -> None:
+    """Remove what the atomic writes above left in `directory` when killed midway: files and
+    directories `.NAME.XXXXXXXX.tmp` (tempfile's 8 random characters) whose NAME matches the
+    regular expression `names`. Nothing else, so a user's `.notes.tmp` stays."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    pattern = re.compile(rf"^\.(?:{names})\.[a-z0-9_]{{8}}\.tmp$")
+    for path in directory.iterdir():
+        if pattern.match(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def read_json(path: str | os.PathLike, missing: str) -> dict:

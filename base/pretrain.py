@@ -9,6 +9,7 @@ is resumed from the newest one unless `train.resume=false`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ from base.data import ensure_shards
 from base.errors import UserError, cli_entry
 from base.fileio import atomic_write_text
 from base.loader import BatchLoader
-from base.model import GPT
+from base.model import GPT, GPTConfig
 from base.quality import describe, parse_rate
 from base.recipe import PretrainRecipe
 from base.tokenizer import Tokenizer
@@ -30,6 +31,8 @@ from base.train import Trainer, make_accelerator
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain-70m.yaml"
 USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]"
+# What a checkpoint's weights are made for; dropout alone may change when a run resumes.
+MODEL_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 
 
 def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
@@ -68,7 +71,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     trainer = Trainer(model=model, train_batches=train_batches,
                       val_batches=validation_batches(shard_dir, recipe, rank, world),
                       train=recipe.train, log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator,
-                      recipe=recipe, block_size=recipe.model.block_size)
+                      recipe=recipe, block_size=recipe.model.block_size, fixed_keys=MODEL_KEYS)
     last = trainer.run()
     if accelerator.is_main_process and "val_loss" in last:
         print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity "

@@ -2,10 +2,14 @@
 
 One optimizer step = `accumulation` micro-batches on every process, reaching the recipe's batch
 in tokens; its gradient, the logged loss and the validation loss are means over labelled targets
-(packed SFT rows label only completions), not means of per-batch means. AdamW with decay on matrices only, linear warmup then cosine to `min_lr`, gradient
-clipping, mixed precision and DDP through Accelerate, periodic validation, checkpoints that
-resume exactly (weights, optimizer, step, RNG states, data cursor), metrics to
-`metrics.jsonl`, wandb and PNG plots.
+(packed SFT rows label only completions), not means of per-batch means. AdamW with decay on
+matrices only, linear warmup then cosine to `min_lr`, gradient clipping, mixed precision and DDP
+through Accelerate, periodic validation, checkpoints that resume exactly (weights, optimizer,
+step, RNG states, data cursor), metrics to `metrics.jsonl`, wandb and PNG plots.
+
+A run stops with a UserError, writing nothing, when its loss or weights turn non-finite (the
+last good checkpoint stays the newest), or when it would resume checkpoints made for another
+model. Temporary names that a killed checkpoint save left behind are removed at the next start.
 
 Callers supply the model, a training batch source (`next_batch()` giving inputs, targets and
 optionally segment ids of packed examples; `state_dict()`, `load_state_dict()`; per rank) and a
@@ -32,16 +36,19 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from base.checkpoint import provenance, read_model_weights, unwrap, write_model_files
-from base.config import dump_recipe
+from base.config import dump_recipe, read_yaml, to_dict
 from base.errors import UserError
-from base.fileio import atomic_directory, atomic_write_text, recover
+from base.fileio import atomic_directory, atomic_write_text, recover, remove_temporaries
 from base.loss import IGNORE_INDEX
 from base.metrics import MetricsLog
 from base.recipe import LogConfig, TrainConfig
 
 STATE_FILE = "training_state.pt"
 TRAINER_FILE = "trainer.json"
+RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# The names whose atomic writes a killed run leaves as `.NAME.XXXXXXXX.tmp` in its directory.
+RUN_TEMPORARIES = r"step-\d+|final|recipe\.yaml|run\.json|metrics\.jsonl|quality\.json"
 
 
 class BatchSource(Protocol):
@@ -150,6 +157,9 @@ class Trainer:
     recipe: object  # written to the run directory as the recipe used
     block_size: int
     # How a checkpoint holds the weights: the whole model by default; a LoRA run writes its adapter.
+    # Dotted recipe keys that the checkpoints depend on (the model's shape, the adapter's):
+    # resuming with another value is refused.
+    fixed_keys: tuple[str, ...] = ()
     write_weights: Callable[[Path, torch.nn.Module, dict], None] = lambda d, m, meta: write_model_files(d, m, meta=meta)
     read_weights: Callable[[Path, torch.nn.Module], None] = read_model_weights
 
@@ -195,6 +205,11 @@ class Trainer:
         """out_dir/step-NNNNNN (weights + training state), the newest `keep_checkpoints` kept;
         at the end also out_dir/final (weights only)."""
         acc = self.accelerator
+        # Every rank holds the same weights, so every rank stops here together.
+        bad = next((name for name, p in unwrap(self.model).named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise UserError(f"step {self.step}: the weights are not finite ({bad}); stopped without saving "
+                            f"them, {self._last_good()}")
         rng = gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]
         if acc.is_main_process:
             model = unwrap(self.model)
@@ -212,6 +227,10 @@ class Trainer:
                     self.write_weights(tmp, model, meta)
             self.metrics.plot()
         acc.wait_for_everyone()
+
+    def _last_good(self) -> str:
+        saved = checkpoint_dirs(self.out_dir)
+        return f"the last good checkpoint is {saved[-1]}" if saved else "and no checkpoint was saved before"
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -239,11 +258,29 @@ class Trainer:
             raise UserError("validation split has no batch: lower train.micro_batch_size or add data")
         return (total / count).item()
 
+    def _check_resumable(self) -> None:
+        """Refuse, before anything is written, to resume a run whose checkpoints were made for
+        another model: name the first key of `fixed_keys` that differs from the run's recipe."""
+        recipe_path = self.out_dir / RECIPE_FILE
+        if not (self.train.resume and recipe_path.is_file() and checkpoint_dirs(self.out_dir)):
+            return
+        before, lines = read_yaml(recipe_path)
+        now = to_dict(self.recipe)
+        for key in self.fixed_keys:
+            old, new = _dotted(before, key), _dotted(now, key)
+            if old != new:
+                line = f":{lines[key]}" if key in lines else ""
+                raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
+                                "are for the run's value: keep it, or start over with train.resume=false or "
+                                "another out_dir)")
+
     def run(self) -> dict:
         acc, train = self.accelerator, self.train
+        self._check_resumable()
         if acc.is_main_process:
+            remove_temporaries(self.out_dir, RUN_TEMPORARIES)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_recipe(self.recipe, self.out_dir / "recipe.yaml")
+            dump_recipe(self.recipe, self.out_dir / RECIPE_FILE)
             atomic_write_text(self.out_dir / "run.json", json.dumps(
                 provenance(processes=acc.num_processes, device=str(acc.device), mixed_precision=acc.mixed_precision,
                            accumulation=self.accumulation, threads=torch.get_num_threads()), indent=2) + "\n")
@@ -254,60 +291,76 @@ class Trainer:
         acc.print(f"{unwrap(self.model).num_params():,} parameters | {acc.num_processes} process(es) "
                   f"on {acc.device} | {self.accumulation} micro-batches of {train.micro_batch_size}x{self.block_size} "
                   f"per step = {tokens_per_step:,} tokens | precision {acc.mixed_precision}")
-        bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process,
-                   dynamic_ncols=True, unit="step")
         self.model.train()
         last = {}
-        while self.step < train.max_steps:
-            started = time.perf_counter()
-            lr = learning_rate(self.step, train)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            # The step's gradient is the mean over every labelled target of every rank's
-            # micro-batches: each micro-batch's mean loss weighs by its share of the step's targets,
-            # whose count all ranks need before their first backward (one all-reduce, batches drawn
-            # ahead). DDP then averages over ranks, hence the factor of num_processes.
-            batches = [self.train_batches.next_batch() for _ in range(self.accumulation)]
-            counts = [labelled_targets(batch) for batch in batches]
-            step_targets = sum(counts)
-            if acc.num_processes > 1:
-                step_targets = int(acc.reduce(torch.tensor(step_targets, device=acc.device), "sum").item())
-            loss_sum = torch.zeros((), device=acc.device)
-            for micro, (batch, labelled) in enumerate(zip(batches, counts)):
-                x, y, segments = self._on_device(batch)
-                # DDP needs to all-reduce gradients only once per optimizer step.
-                sync = micro == self.accumulation - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                    with acc.autocast():
-                        loss = self.model(x, y, segments=segments)
-                    # A division, so that equal counts (pretraining) divide by exactly the
-                    # accumulation, bit for bit a plain mean over micro-batches. A micro-batch
-                    # without labels has a zero loss and a zero gradient.
-                    acc.backward(loss / (step_targets / (acc.num_processes * labelled)) if labelled else loss)
-                loss_sum += loss.detach().float() * labelled
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            loss_mean = (acc.reduce(loss_sum, "sum") / max(step_targets, 1)).item()
-            elapsed = time.perf_counter() - started
-            last = {"step": self.step, "loss": loss_mean, "lr": lr, "tokens": self.tokens_seen,
-                    "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None}
-            if self.step % self.log.log_interval == 0 or self.step == 1 or self.step == train.max_steps:
-                self.metrics.log(last)
-            bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-            bar.update(1)
-            if self.step % train.eval_interval == 0 or self.step == train.max_steps:
-                val = self.evaluate()
-                self.metrics.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
-                                  "tokens": self.tokens_seen})
-                last["val_loss"] = val
-                bar.write(f"step {self.step}: train loss {loss_mean:.4f}, val loss {val:.4f}, "
-                          f"val ppl {math.exp(min(val, 50.0)):.2f}")
-            if self.step % train.checkpoint_interval == 0 or self.step == train.max_steps:
-                self.save_checkpoint(final=self.step == train.max_steps)
-        bar.close()
+        # Closed on the way out of an error too, so that the error's line is not drawn over.
+        with tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True,
+                  unit="step") as bar:
+            while self.step < train.max_steps:
+                last = self._step(tokens_per_step, bar)
         self.metrics.finish()
         return last
+
+    def _step(self, tokens_per_step: int, bar: tqdm) -> dict:
+        """One optimizer step, then its logging, evaluation and checkpoint; the step's record."""
+        acc, train = self.accelerator, self.train
+        started = time.perf_counter()
+        lr = learning_rate(self.step, train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The step's gradient is the mean over every labelled target of every rank's
+        # micro-batches: each micro-batch's mean loss weighs by its share of the step's targets,
+        # whose count all ranks need before their first backward (one all-reduce, batches drawn
+        # ahead). DDP then averages over ranks, hence the factor of num_processes.
+        batches = [self.train_batches.next_batch() for _ in range(self.accumulation)]
+        counts = [labelled_targets(batch) for batch in batches]
+        step_targets = sum(counts)
+        if acc.num_processes > 1:
+            step_targets = int(acc.reduce(torch.tensor(step_targets, device=acc.device), "sum").item())
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro, (batch, labelled) in enumerate(zip(batches, counts)):
+            x, y, segments = self._on_device(batch)
+            # DDP needs to all-reduce gradients only once per optimizer step.
+            sync = micro == self.accumulation - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss = self.model(x, y, segments=segments)
+                # A division, so that equal counts (pretraining) divide by exactly the
+                # accumulation, bit for bit a plain mean over micro-batches. A micro-batch
+                # without labels has a zero loss and a zero gradient.
+                acc.backward(loss / (step_targets / (acc.num_processes * labelled)) if labelled else loss)
+            loss_sum += loss.detach().float() * labelled
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens_per_step
+        loss_mean = (acc.reduce(loss_sum, "sum") / max(step_targets, 1)).item()
+        if not math.isfinite(loss_mean):  # the same on every rank: all stop, before any checkpoint
+            raise UserError(f"step {self.step}: the training loss is {loss_mean} (not finite); stopped, "
+                            f"{self._last_good()} (a lower train.lr may help)")
+        elapsed = time.perf_counter() - started
+        last = {"step": self.step, "loss": loss_mean, "lr": lr, "tokens": self.tokens_seen,
+                "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if self.step % self.log.log_interval == 0 or self.step == 1 or self.step == train.max_steps:
+            self.metrics.log(last)
+        bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+        bar.update(1)
+        if self.step % train.eval_interval == 0 or self.step == train.max_steps:
+            val = self.evaluate()
+            self.metrics.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                              "tokens": self.tokens_seen})
+            last["val_loss"] = val
+            bar.write(f"step {self.step}: train loss {loss_mean:.4f}, val loss {val:.4f}, "
+                      f"val ppl {math.exp(min(val, 50.0)):.2f}")
+        if self.step % train.checkpoint_interval == 0 or self.step == train.max_steps:
+            self.save_checkpoint(final=self.step == train.max_steps)
+        return last
+
+
+def _dotted(data: dict, key: str):
+    """The value at a dotted key of nested mappings, or None where a part is missing."""
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data

@@ -11,6 +11,7 @@ A LoRA run's checkpoints hold only the adapter and the hash of the base it was t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -23,13 +24,16 @@ from base.errors import UserError, cli_entry
 from base.tokenizer import Tokenizer
 from base.train import Trainer, make_accelerator
 from finetune.adapter import read_adapter_weights, write_adapter_files
-from finetune.lora import apply_lora, trainable_summary
+from finetune.lora import LoRAConfig, apply_lora, trainable_summary
 from finetune.packing import PackedBatches, encode_example
 from finetune.recipe import SFTRecipe
 from tasks.build import build_task_data
 from tasks.jsonl import read_jsonl
 
 USAGE = "usage: accelerate launch finetune/sft.py recipe.yaml [section.key=value ...]"
+# What a run's checkpoints are made for; LoRA's dropout alone may change when a run resumes.
+RUN_KEYS = ("base", "method")
+ADAPTER_KEYS = tuple(f"lora.{f.name}" for f in dataclasses.fields(LoRAConfig) if f.name != "dropout")
 
 
 def task_examples(recipe: SFTRecipe, tokenizer: Tokenizer, split: str) -> list[tuple[list[int], list[int]]]:
@@ -81,7 +85,8 @@ def sft(recipe: SFTRecipe) -> dict:
                      read_weights=read_adapter_weights)
     trainer = Trainer(model=model, train_batches=train_rows, val_batches=val_batches, train=recipe.train,
                       log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator, recipe=recipe,
-                      block_size=block_size, **hooks)
+                      block_size=block_size, fixed_keys=RUN_KEYS + (ADAPTER_KEYS if recipe.method == "lora" else ()),
+                      **hooks)
     last = trainer.run()
     if accelerator.is_main_process and "val_loss" in last:
         print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity {math.exp(last['val_loss']):.2f}); "

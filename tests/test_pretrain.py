@@ -125,3 +125,30 @@ def test_codeparrot_offline_fails_fast_with_the_way_out(tmp_path):
     assert result.returncode == 2 and time.time() - started < 60
     assert "data.source=local" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "cp").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_loss_that_turns_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    out = tmp_path / "diverged"
+    # lr 1e30: the first step's loss is fine, and its update leaves weights no forward survives.
+    result = pretrain(*data, *TINY, "train.lr=1e30", "train.min_lr=0", "train.warmup_steps=0", "train.max_steps=6",
+                      "train.checkpoint_interval=1", f"out_dir={out}")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: step 2: the training loss is ") and "not finite" in last_line
+    assert str(out / "step-000001") in last_line and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["step-000001"]
+
+
+def test_resuming_another_model_is_refused_before_anything_is_written(tmp_path, data):
+    out = tmp_path / "run"
+    common = [*data, *TINY, "train.checkpoint_interval=1", f"out_dir={out}"]
+    assert pretrain(*common, "train.max_steps=1", "train.warmup_steps=0").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = pretrain(*common, "train.max_steps=2", "model.n_layer=2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {out / 'recipe.yaml'}:")
+    assert ": model.n_layer is 1 in the run, 2 now" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # Dropout is no part of the weights: a run may resume with another.
+    resumed = pretrain(*common, "train.max_steps=2", "model.dropout=0.1")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr

@@ -172,3 +172,34 @@ def test_losses_and_the_gradient_are_per_token_means_over_the_step(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
     with torch.no_grad():
         assert last["val_loss"] == pytest.approx(per_token_mean(model.eval(), val_batches), rel=1e-5)
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
+    """Position 20 is never used by 16-token rows: its NaN leaves the loss finite, and only the
+    checkpoint would carry it."""
+    train = TrainConfig(batch_tokens=128, micro_batch_size=8, max_steps=2, warmup_steps=0, lr=1e-3, min_lr=1e-4,
+                        eval_interval=100, eval_tokens=128, checkpoint_interval=1)
+    recipe = PretrainRecipe(out_dir=str(tmp_path), model=tiny_config(), train=train, log=LogConfig(wandb="disabled"))
+    model = GPT(recipe.model)
+    with torch.no_grad():
+        model.transformer.wpe.weight[20] = float("nan")
+    trainer = Trainer(model, ListBatches(seed=0, block=16, batch=8), lambda: [], train, recipe.log, tmp_path,
+                      make_accelerator(train), recipe, block_size=16)
+    with pytest.raises(UserError, match=r"^step 1: the weights are not finite \(transformer.wpe.weight\)"):
+        trainer.run()
+    assert not checkpoint_dirs(tmp_path) and not (tmp_path / "final").exists()
+
+
+def test_a_restart_removes_what_killed_saves_left_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    run_loop(run, max_steps=3)
+    ours = [".step-000006.k3j4h5g6.tmp", ".final.abcd_fgh.tmp", ".recipe.yaml.a1b2c3d4.tmp", ".run.json.zz99abcd.tmp"]
+    users = [".mine.tmp", ".step-notes.tmp", ".step-000006.my-copy.tmp", "step-000006.txt", "notes-00001.json"]
+    for name in ours[:2]:
+        (run / name).mkdir()
+        (run / name / "model.safetensors").write_bytes(b"half a checkpoint")
+    for name in ours[2:] + users:
+        (run / name).write_text("kept?\n")
+    run_loop(run, max_steps=4)
+    assert not [name for name in ours if (run / name).exists()]
+    assert all((run / name).read_text() == "kept?\n" for name in users)
