@@ -60,13 +60,18 @@ def _error(where: _Where, key: str, message: str) -> UserError:
     return UserError(f"{location}{key}: {message}")
 
 
-def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+def _line_map(node: yaml.Node, path: str, prefix: str = "") -> dict[str, int]:
+    """The line of every dotted key under `node`. A key given twice in one mapping is an error:
+    YAML loaders keep the last silently, so the first would look set and do nothing."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_line_map(value_node, key + "."))
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise UserError(f"{path}:{line}: {key}: given twice (lines {lines[key]} and {line})")
+            lines[key] = line
+            lines.update(_line_map(value_node, path, key + "."))
     return lines
 
 
@@ -79,6 +84,8 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
         raise UserError(f"{path}: recipe file not found") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read recipe: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text recipe (byte {err.start} is not UTF-8)") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -87,11 +94,12 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
-    if data is None:
-        data = {}
+    # An empty file would run every default (the seed's 70M run on CodeParrot): surely not what was meant.
+    if data is None or data == {}:
+        raise UserError(f"{path}: recipe is empty (name the sections to set, e.g. model, data, train)")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return data, _line_map(node) if node is not None else {}
+    return data, _line_map(node, path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -147,6 +155,12 @@ def build(schema: type[T], data: dict, where: _Where | None = None, prefix: str 
         except InvalidValue as bad:
             raise _error(where, f"{prefix}{bad.key}", bad.message) from None
     return instance
+
+
+def build_in_file(schema: type[T], data: Any, path: str | os.PathLike, prefix: str = "") -> T:
+    """`build` for a section of a file that is not a recipe (a checkpoint's config.json): errors
+    name the file and the dotted key under `prefix`."""
+    return build(schema, data, _Where(str(path), {}), prefix)
 
 
 def _convert(tp: Any, value: Any, key: str, where: _Where) -> Any:
@@ -292,5 +306,5 @@ def split_cli_args(args: Sequence[str], usage: str) -> tuple[str | None, list[st
         elif recipe is None and not arg.startswith("-"):
             recipe = arg
         else:
-            raise UserError(f"{COMMAND_LINE}: unexpected argument {arg!r}\n{usage}")
+            raise UserError(f"{COMMAND_LINE}: unexpected argument {arg!r} ({usage})")
     return recipe, overrides

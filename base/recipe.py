@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from base.config import InvalidValue
+from base.footprint import memory_problem
 from base.model import GPTConfig
 
 
@@ -118,6 +119,8 @@ class PretrainRecipe:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
+        if (problem := memory_problem(self.model)) is not None:
+            raise InvalidValue(f"model.{problem[0]}", problem[1])
         tokens_per_micro_batch = self.train.micro_batch_size * self.model.block_size
         if self.train.batch_tokens % tokens_per_micro_batch:
             raise InvalidValue(

@@ -105,3 +105,39 @@ def test_non_finite_numbers_are_refused(tmp_path, value):
     assert error_of(path).startswith(f"{path}:3: train.lr: must be a finite number, got ")
     assert error_of(None, [f"train.grad_clip={value.lstrip('.-')}"]).startswith(
         "<command line>: train.grad_clip: must be a finite number")
+
+
+def test_a_binary_recipe_is_refused(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"train:\n  lr: \xff\xfe\n")
+    assert error_of(path) == f"{path}: not a text recipe (byte 13 is not UTF-8)"
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1.0e-3\n  max_steps: 5\n  lr: 2.0e-3\n")
+    assert error_of(path) == f"{path}:4: train.lr: given twice (lines 2 and 4)"
+    path = write(tmp_path, "model:\n  n_layer: 2\ntrain:\n  lr: 1.0e-3\nmodel:\n  n_head: 2\n")
+    assert error_of(path) == f"{path}:5: model: given twice (lines 1 and 5)"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_recipe_is_refused_not_run_as_the_70m_defaults(tmp_path, text):
+    path = write(tmp_path, text)
+    assert error_of(path).startswith(f"{path}: recipe is empty")
+
+
+def test_a_model_too_big_for_memory_is_refused_with_its_size(tmp_path):
+    path = write(tmp_path, "model:\n  n_layer: 2\n")
+    message = error_of(path, ["model.n_layer=1000000"])
+    assert message.startswith("<command line>: model.n_layer: 1,000,000 makes 2,414,317,417,344 parameters, 8.8 TiB")
+    assert "more than this machine's" in message
+    path = write(tmp_path, "model:\n  vocab_size: 100000000000\n")
+    assert error_of(path).startswith(f"{path}:2: model.vocab_size: 100,000,000,000 makes ")
+
+
+def test_parameter_count_matches_the_model():
+    from base.footprint import parameter_count
+    from base.model import GPT, GPTConfig
+
+    for config in (GPTConfig(), GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=1000, bias=False)):
+        assert parameter_count(config) == GPT(config).num_params()
