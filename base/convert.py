@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 
 from base.checkpoint import detect_format, export_hf, load_any, provenance, save_model
-from base.errors import cli_entry
+from base.errors import ArgumentParser, cli_entry, positive_int
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="CodeGPT directory, nanoGPT .pt file, or Hugging Face GPT-2 directory")
     parser.add_argument("dest", help="output directory")
     parser.add_argument("--to", choices=("codegpt", "hf"), default="codegpt")
-    parser.add_argument("--n-head", type=int, help="heads, for a .pt file whose config does not say")
+    parser.add_argument("--n-head", type=positive_int, help="heads, for a .pt file whose config does not say")
     parser.add_argument("--activation", choices=("gelu_tanh", "gelu"),
                         help="override the GELU form read from a .pt file (nanoGPT: gelu, build-nanogpt: gelu_tanh)")
     args = parser.parse_args(argv)

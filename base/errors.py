@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -26,3 +27,22 @@ def cli_entry(main):
             sys.exit(EXIT_USAGE)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors, so a bad argument is one line naming it and exit 2
+    (argparse's own prints the usage too); --help still prints the whole usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a count of samples, a batch, a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

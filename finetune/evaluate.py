@@ -20,7 +20,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from base.errors import UserError, cli_entry
+from base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from base.fileio import atomic_write_text
 from base.generate import Sampling, add_sampling_args, generate, sampling_from_args
 from base.tokenizer import Tokenizer
@@ -28,7 +28,7 @@ from finetune.adapter import load_for_inference
 from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
 from tasks.humaneval import STOP, load_problems
 from tasks.jsonl import read_jsonl
-from tasks.registry import TASKS
+from tasks.registry import TASKS, task_of, unknown_task
 from tasks.sandbox import isolation
 
 
@@ -56,10 +56,21 @@ def bugfix(model, tokenizer, problems, sampling: Sampling, batch_size: int) -> d
     return result
 
 
-def task_examples(model, tokenizer, path: str, sampling: Sampling, limit: int | None, batch_size: int) -> dict:
+def read_examples(path: str, limit: int | None) -> list[dict]:
+    """The first `limit` records of a task's jsonl, all of one task (it scores every answer)."""
+    records = read_jsonl(path, check=unknown_task)
+    if not records:
+        raise UserError(f"{path}: no examples")
+    for number, record in enumerate(records[1:], start=2):
+        if task_of(record) is not task_of(records[0]):
+            raise UserError(f"{path}: record {number} is a {task_of(record).name} example, record 1 a "
+                            f"{task_of(records[0]).name} one; evaluate one task's examples at a time")
+    return records[:limit]
+
+
+def task_examples(model, tokenizer, path: str, records: list[dict], sampling: Sampling, batch_size: int) -> dict:
     """A task's own examples (a val.jsonl): generate for each prompt, score with the task."""
-    records = read_jsonl(path)[:limit]
-    task = TASKS[records[0].get("task", "docstring")] if records else TASKS["docstring"]
+    task = task_of(records[0])
     if not sampling.stop:
         sampling.stop = list(task.stop)
     answers = []
@@ -89,15 +100,15 @@ def print_table(result: dict) -> None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory or file, or an adapter directory")
     parser.add_argument("--adapter", help="LoRA adapter directory to put on the model")
     parser.add_argument("--benchmark", choices=("humaneval", "bugfix", "examples"), default="humaneval",
                         help="examples: a task's own jsonl (--examples), scored by the task")
     parser.add_argument("--examples", help="with --benchmark examples: e.g. data/tasks/bugfix-tiny/val.jsonl")
-    parser.add_argument("-n", "--samples", type=int, default=1, help="samples per HumanEval problem")
-    parser.add_argument("--limit", type=int, help="only the first N problems")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per HumanEval problem")
+    parser.add_argument("--limit", type=positive_int, help="only the first N problems")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--out", help="results JSON (default: <model>/eval-<benchmark>.json)")
     add_sampling_args(parser)
     parser.set_defaults(temperature=None, max_new_tokens=384)
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = sampling_from_args(args)
     if args.benchmark == "examples" and not args.examples:
         raise UserError("--benchmark examples needs --examples FILE.jsonl")
+    # Read before the model loads, so a bad file is reported at once.
+    records = read_examples(args.examples, args.limit) if args.benchmark == "examples" else None
     if not args.stop and args.benchmark != "examples":
         sampling.stop = list(STOP) if args.benchmark == "humaneval" else list(TASKS["bugfix"].stop)
     model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{description}; sandbox: {isolation()}")
     tokenizer = Tokenizer()
     if args.benchmark == "examples":
-        result = task_examples(model, tokenizer, args.examples, sampling, args.limit, args.batch_size)
+        result = task_examples(model, tokenizer, args.examples, records, sampling, args.batch_size)
     elif args.benchmark == "humaneval":
         result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)
     else:

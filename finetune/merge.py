@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from base.checkpoint import provenance, read_config, save_model
-from base.errors import UserError, cli_entry
+from base.errors import ArgumentParser, UserError, cli_entry
 from finetune.adapter import load_for_inference, read_adapter_config
 from finetune.lora import strip_lora
 
@@ -54,7 +54,7 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, overwrite: bo
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="adapter directory (a LoRA run's final/ or step-N/)")
     parser.add_argument("out", help="directory for the merged model (new or empty)")
     parser.add_argument("--base", help="base model (default: the one the adapter records)")

@@ -13,7 +13,7 @@ import json
 
 from accelerate import PartialState
 
-from base.errors import cli_entry
+from base.errors import ArgumentParser, cli_entry, positive_int
 from base.quality import describe, parse_rate, validation_loss
 from base.tokenizer import Tokenizer
 from finetune.adapter import load_for_inference
@@ -21,11 +21,11 @@ from finetune.adapter import load_for_inference
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--adapter")
-    parser.add_argument("-k", "--samples", type=int, default=20)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("-k", "--samples", type=positive_int, default=20)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=2, help="samples to print")
     parser.add_argument("--shards", help="token shards whose validation split to score")

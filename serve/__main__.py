@@ -12,7 +12,7 @@ import argparse
 
 from accelerate import PartialState
 
-from base.errors import cli_entry
+from base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from base.tokenizer import Tokenizer
 from finetune.adapter import load_for_inference
 from serve.app import Limits, create_app
@@ -22,14 +22,16 @@ from serve.app import Limits, create_app
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory or file, or an adapter directory")
     parser.add_argument("--adapter", help="LoRA adapter directory to put on the model")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
-    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=Limits.max_new_tokens)
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=Limits.max_prompt_tokens)
     args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: must be in [1, 65535], got {args.port}")
     device = PartialState().device
     model, description = load_for_inference(args.model, args.adapter, device=device)
     info = {"model": description, "parameters": model.num_params(), "adapter": args.adapter, "device": str(device)}

@@ -6,7 +6,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jsonlines
 
@@ -25,8 +25,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return count
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
-    """Every record of a jsonl file; a bad line is a UserError naming the file, the line and the problem."""
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("prompt", "completion"),
+               check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """Every record of a jsonl file; a bad line is a UserError naming the file, the line and the
+    problem. `check(record)` may name a problem of the caller's own."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -48,5 +50,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("prompt", "
             if not isinstance(record.get(field), str):
                 problem = "missing" if field not in record else f"not a string ({type(record[field]).__name__})"
                 raise UserError(f"{path}:{number}: field {field!r} is {problem}")
+        if check is not None and (problem := check(record)) is not None:
+            raise UserError(f"{path}:{number}: {problem}")
         records.append(record)
     return records

@@ -12,6 +12,7 @@ so the benchmark does not measure memorisation.
 from __future__ import annotations
 
 import ast
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -118,6 +119,19 @@ def bugfix_prompt(buggy: str) -> str:
 TASKS = {"docstring": DocstringTask(), "bugfix": BugfixTask()}
 
 
+def unknown_task(record: dict) -> str | None:
+    """`read_jsonl`'s check for task examples: the record's task (docstring when it names none)
+    must be one of TASKS, or its prompts and scores would be another task's."""
+    name = record.get("task", "docstring")
+    if isinstance(name, str) and name in TASKS:
+        return None
+    return f"unknown task {name!r} (tasks: {', '.join(TASKS)})"
+
+
+def task_of(record: dict):
+    return TASKS[record.get("task", "docstring")]
+
+
 @dataclass
 class TaskConfig:
     """A task's data: which task, from which code, where the jsonl goes."""
@@ -139,3 +153,9 @@ class TaskConfig:
             raise InvalidValue("max_examples", f"must be positive, got {self.max_examples}")
         if self.max_chars <= 0:
             raise InvalidValue("max_chars", f"must be positive, got {self.max_chars}")
+        if self.source == "files" and not self.paths:
+            raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
+        if self.source != "codeparrot":
+            for path in self.paths:
+                if not os.path.exists(os.path.expanduser(path)):
+                    raise InvalidValue("paths", f"{path} does not exist")
