@@ -8,8 +8,9 @@
                     streams server-sent events when "stream" is true, else returns the text
 
 Requests queue for the one model (a lock: one generation at a time, the rest wait); a client
-that disconnects stops its generation. Bad JSON and out-of-range values get 400 naming the field;
-bodies over the limit get 413.
+that disconnects, streaming or not, stops its generation (one that gave up while queued never
+starts one). Bad JSON and out-of-range values get 400 naming the field; bodies over the limit get
+413, whether they declare their length or arrive chunked.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from base.generate import Sampling, generate, stream
+from base.generate import BadOption, Sampling, stream
 from base.model import GPT
 from base.tokenizer import Tokenizer
 from tasks.humaneval import STOP as HUMANEVAL_STOP
@@ -59,13 +60,10 @@ class _BadField(Exception):
         self.field, self.message = field, message
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` with 413, counted as they arrive
-    (a missing or false Content-Length does not get past it)."""
+    (a missing or false Content-Length does not get past it). The body is read whole before the
+    app runs, so the refusal is ours: an error raised while FastAPI reads a body becomes its 400."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -76,21 +74,27 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
-        received = 0
-
-        async def limited():
-            nonlocal received
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left mid-body: the app hears so
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._reject(send)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": bytes(body), "more_body": False}
+                break
+        first = True
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def replay():
+            nonlocal first
+            if first:
+                first = False
+                return message
+            return await receive()  # after the body: a disconnect, which stops a generation
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send):
         body = json.dumps({"error": f"request body exceeds {self.max_bytes} bytes", "field": None}).encode()
@@ -154,36 +158,45 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
         prompt_tokens = len(tokenizer.encode(body.prompt))
         if prompt_tokens > limits.max_prompt_tokens:
             raise _BadField("prompt", f"{prompt_tokens} tokens, at most {limits.max_prompt_tokens}")
-        if any(not s for s in body.stop):
-            raise _BadField("stop", "stop strings must not be empty")
-        return Sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p, list(body.stop), body.seed), prompt_tokens
+        sampling = Sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p, list(body.stop), body.seed)
+        try:
+            sampling.check()  # what the schema's bounds cannot say: a seed torch takes, a usable temperature
+        except BadOption as bad:
+            raise _BadField(bad.field, bad.message) from None
+        return sampling, prompt_tokens
+
+    async def pieces(request: Request, prompt: str, sampling: Sampling):
+        """The completion's pieces, decoded one step at a time while the client is still there:
+        the model is held only for a client that waits for the answer."""
+        async with lock:
+            steps = stream(model, tokenizer, [prompt], sampling)
+            step = None
+            try:
+                while not await request.is_disconnected():
+                    step = asyncio.ensure_future(run_in_threadpool(next, steps, None))
+                    event = await asyncio.shield(step)
+                    if event is None:
+                        return
+                    yield event[1]
+            finally:
+                # A cancelled client leaves one step running in its thread: let it finish before
+                # the generator closes and the next request gets the model.
+                if step is not None and not step.done():
+                    await asyncio.wait([step])
+                steps.close()
 
     @app.post("/generate")
     async def post_generate(body: GenerateRequest, request: Request):
         sampling, prompt_tokens = sampling_of(body)
         if not body.stream:
-            async with lock:
-                text = (await run_in_threadpool(generate, model, tokenizer, [body.prompt], sampling))[0]
-            return {"text": text, "prompt_tokens": prompt_tokens}
+            return {"text": "".join([piece async for piece in pieces(request, body.prompt, sampling)]),
+                    "prompt_tokens": prompt_tokens}
 
         async def events():
-            async with lock:
-                pieces = stream(model, tokenizer, [body.prompt], sampling)
-                step = None
-                try:
-                    while not await request.is_disconnected():
-                        step = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
-                        event = await asyncio.shield(step)
-                        if event is None:
-                            yield f"event: done\ndata: {json.dumps({'prompt_tokens': prompt_tokens})}\n\n"
-                            return
-                        yield f"data: {json.dumps({'text': event[1]})}\n\n"
-                finally:
-                    # A cancelled client leaves one step running in its thread: let it finish before
-                    # the generator closes and the next request gets the model.
-                    if step is not None and not step.done():
-                        await asyncio.wait([step])
-                    pieces.close()
+            async for piece in pieces(request, body.prompt, sampling):
+                yield f"data: {json.dumps({'text': piece})}\n\n"
+            if not await request.is_disconnected():
+                yield f"event: done\ndata: {json.dumps({'prompt_tokens': prompt_tokens})}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

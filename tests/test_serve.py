@@ -188,3 +188,50 @@ def test_page_in_headless_chromium(model, tmp_path):
             browser.close()
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("body,field", [({"seed": 2**70}, "seed"), ({"seed": -1}, "seed"),
+                                        ({"temperature": 1e-40}, "temperature")])
+def test_values_that_would_fail_in_generation_get_400_before_it(client, body, field, stream):
+    response = client.post("/generate", json={"prompt": "x", "max_new_tokens": 3, "stream": stream, **body})
+    assert response.status_code == 400 and response.json()["field"] == field, response.text
+    assert response.json()["error"].startswith(f"{field}: ")
+
+
+def test_a_chunked_body_over_the_limit_gets_413(model):
+    with Server(make_app(model)) as url:
+        def chunks():  # no Content-Length: the server can only count
+            yield b'{"prompt": "'
+            for _ in range(80):
+                yield b"x" * 1024
+            yield b'"}'
+
+        response = httpx.post(f"{url}/generate", content=chunks(), headers={"content-type": "application/json"},
+                              timeout=60)
+    assert response.status_code == 413 and "exceeds" in response.json()["error"]
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(model):
+    steps = []
+
+    def count_and_slow_down(*_):
+        steps.append(1)
+        time.sleep(0.01)
+
+    hook = model.register_forward_hook(count_and_slow_down)
+    try:
+        with Server(make_app(model)) as url:
+            body = {"prompt": "def f():\n", "max_new_tokens": 500, "temperature": 0.8}
+            for _ in range(3):  # each gives up after 0.3 s; queued ones never start
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{url}/generate", json=body, timeout=0.3)
+            time.sleep(1.0)
+            after_disconnect = len(steps)
+            time.sleep(0.5)
+            assert len(steps) == after_disconnect < 500  # generation stopped early, and stays stopped
+            started = time.time()
+            assert httpx.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 3}, timeout=60).status_code == 200
+            assert time.time() - started < 2.0  # no abandoned generation ahead of it
+    finally:
+        hook.remove()
