@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import torch
 
 from base.errors import ArgumentParser, UserError, cli_entry, positive_int
-from base.model import GPT, Head, KVCache
+from base.decode_head import next_token_head
+from base.model import GPT, KVCache
 from base.tokenizer import Tokenizer
 
 # Below this, logits / temperature overflow float32 into inf and NaN; such a temperature means
@@ -124,50 +125,6 @@ def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
     return banned
 
 
-# Candidates whose logits the bf16 head hands back to be recomputed in full precision.
-HEAD_CANDIDATES = 128
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """True where a bf16 matrix-vector product runs at memory speed: CPUs with AVX512-BF16
-    (on AVX2-only CPUs bf16 arithmetic is emulated and far slower than fp32)."""
-    return device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-
-
-def next_token_head(model: GPT, sampling: Sampling, banned: torch.Tensor):
-    """The function from final hidden states (B, C) to next-token logits (B, V) for decoding,
-    with `banned` ids at -inf.
-
-    Decoding one row at a time reads the whole head matrix per token, most of a small model's
-    weight bytes (180 of 278 MB for the 70M). Where bf16 is fast, a bf16 copy of the head ranks
-    the vocabulary at half the traffic and only the top HEAD_CANDIDATES logits are recomputed
-    in the weights' precision; the rest are -inf. Greedy decoding and top-k sampling with
-    k <= HEAD_CANDIDATES only ever look at those, so they get the full-precision logits (unless a
-    bf16 rounding error exceeds the gap between the k-th and the 128th logit). Other sampling,
-    batches of rows, LoRA heads and other devices use the plain head."""
-    weight = model.lm_head.weight
-
-    def exact(hidden: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(hidden).masked_fill(banned, float("-inf"))
-
-    only_top = sampling.temperature == 0 or (sampling.top_k is not None and sampling.top_k <= HEAD_CANDIDATES)
-    if not (only_top and type(model.lm_head) is Head and weight.dtype == torch.float32
-            and has_fast_bf16(weight.device)):
-        return exact
-    half = weight.detach().to(torch.bfloat16)
-
-    def ranked(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] != 1:  # a batch is a matrix product: fp32 is as fast there
-            return exact(hidden)
-        approx = torch.mv(half, hidden[0].to(torch.bfloat16)).float().masked_fill_(banned, float("-inf"))
-        candidates = approx.topk(HEAD_CANDIDATES).indices
-        logits = torch.full_like(approx, float("-inf"))
-        logits[candidates] = weight[candidates] @ hidden[0]
-        return logits[None]
-
-    return ranked
-
-
 def decoder(model: GPT, cache: KVCache, head, graphs: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from one new token per row (B, 1) to next-token logits (B, V), continuing
     `cache`. On a GPU the step is a CUDA graph replayed per token (`GraphedDecodeStep`) unless
@@ -240,7 +197,7 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
         else:  # an empty prompt starts from <|endoftext|>, as a document would
             tokens[row, -1] = start_id
             valid[row, -1] = True
-    head = next_token_head(model, sampling, banned)
+    head = next_token_head(model, 1 if sampling.temperature == 0 else sampling.top_k, banned)
 
     def prefill(tokens, valid):
         cache = model.new_cache(len(prompts))

@@ -26,7 +26,8 @@ import tempfile
 import torch
 
 from base.checkpoint import export_hf
-from base.generate import Sampling, banned_ids, has_fast_bf16, token_steps
+from base.decode_head import has_fast_bf16
+from base.generate import Sampling, banned_ids, token_steps
 from base.model import GPT, GPTConfig
 from base.tokenizer import Tokenizer
 from bench.common import flops_per_token, hf_gpt2, matmul_peak, peak_rss_mib, summary, timed

@@ -7,7 +7,9 @@ import torch
 
 import base.generate as generate_module
 from base.errors import UserError
-from base.generate import HEAD_CANDIDATES, Sampling, banned_ids, generate, next_token_head, sample_next, stream
+from base import decode_head
+from base.decode_head import next_token_head
+from base.generate import Sampling, banned_ids, generate, sample_next, stream
 from base.tokenizer import Tokenizer
 from conftest import tiny_config
 from base.model import GPT
@@ -111,26 +113,39 @@ def test_the_smallest_temperature_and_the_largest_seed_work(model, tokenizer):
                                                                     Sampling(max_new_tokens=5, temperature=0))
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, monkeypatch, fast):
-    monkeypatch.setattr(generate_module, "has_fast_bf16", lambda device: fast)
+RANKERS = {"plain": lambda weight: None, "int8": decode_head.int8_ranker, "bf16": decode_head.bf16_ranker}
+
+
+@pytest.mark.parametrize("ranker", RANKERS)
+def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, monkeypatch, ranker):
+    monkeypatch.setattr(decode_head, "ranker_for", RANKERS[ranker])
     banned = banned_ids(model, tokenizer, "cpu")
-    hidden = model.hidden_states(torch.tensor([tokenizer.encode("import os\n")]))[:, -1]
-    exact = model.lm_head(hidden).masked_fill(banned, float("-inf"))
     with torch.no_grad():
-        greedy = next_token_head(model, Sampling(temperature=0), banned)(hidden)
-        unrestricted = next_token_head(model, Sampling(temperature=0.8), banned)(hidden)
+        hidden = model.hidden_states(torch.tensor([tokenizer.encode("import os\n")]))[:, -1]
+        exact = model.lm_head(hidden).masked_fill(banned, float("-inf"))
+        greedy = next_token_head(model, 1, banned)(hidden)
+        unrestricted = next_token_head(model, None, banned)(hidden)
     torch.testing.assert_close(unrestricted, exact)  # sampling from the whole vocabulary: the plain head
     kept = torch.isfinite(greedy)
-    assert kept.sum() == (HEAD_CANDIDATES if fast else exact.isfinite().sum())
+    assert kept.sum() == (exact.isfinite().sum() if ranker == "plain" else decode_head.CANDIDATES)
     torch.testing.assert_close(greedy[kept], exact[kept])
     assert set(exact[0].topk(50).indices.tolist()) <= set(kept[0].nonzero().flatten().tolist())
 
 
-def test_bf16_ranked_head_decodes_the_same_tokens_as_the_plain_head(model, tokenizer, monkeypatch):
+@pytest.mark.parametrize("ranker", ["int8", "bf16"])
+def test_ranked_head_decodes_the_same_tokens_as_the_plain_head(model, tokenizer, monkeypatch, ranker):
     outputs = {}
-    for fast in (False, True):
-        monkeypatch.setattr(generate_module, "has_fast_bf16", lambda device, fast=fast: fast)
-        outputs[fast] = [generate(model, tokenizer, ["def parse(text):\n"], sampling)[0] for sampling in
+    for name in ("plain", ranker):
+        monkeypatch.setattr(decode_head, "ranker_for", RANKERS[name])
+        outputs[name] = [generate(model, tokenizer, ["def parse(text):\n"], sampling)[0] for sampling in
                          (Sampling(max_new_tokens=40, temperature=0), Sampling(max_new_tokens=40, top_k=50, seed=3))]
-    assert outputs[True] == outputs[False]
+    assert outputs[ranker] == outputs["plain"]
+
+
+def test_the_ranking_copy_is_built_once_and_rebuilt_when_the_weight_changes():
+    weight = torch.randn(300, 16)
+    first = decode_head.ranker_for(weight)
+    assert decode_head.ranker_for(weight) is first
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert first is None or decode_head.ranker_for(weight) is not first

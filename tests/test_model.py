@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from base.model import GPT, GPTConfig
-from conftest import tiny_config
 
 
 def test_seed_config_has_the_seeds_parameter_count():

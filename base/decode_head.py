@@ -1,0 +1,105 @@
+"""The head decoding multiplies by, one row at a time: the plain head, or a cheap ranking of the
+vocabulary followed by exact logits for its best candidates.
+
+Decoding one row reads the whole head matrix per token: most of a small model's weight bytes
+(180 of 278 MB for the 70M in fp32), and on a CPU decoding is bound by those bytes. A quantised
+copy of the head ranks the vocabulary reading fewer of them; only the top `CANDIDATES` logits are
+then recomputed from the fp32 rows, and the rest are -inf. Greedy decoding and top-k sampling with
+k <= CANDIDATES only ever look at those, so they get the plain head's logits and tokens (unless a
+quantisation error exceeded the gap between the k-th and the 128th logit). Which copy ranks is
+decided at run time, from what this PyTorch build and CPU have:
+
+- int8 (per-row scales), multiplied by the quantised engine PyTorch ships for x86 (fbgemm, with
+  AVX2 or AVX-512 kernels): a quarter of the fp32 bytes;
+- else bf16, on CPUs with AVX512-BF16 (elsewhere bf16 arithmetic is emulated and slower than fp32);
+- else none: the plain head. So on GPUs, for batches of rows (a matrix product, as fast in fp32),
+  LoRA heads, and sampling from the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from base.model import GPT, Head
+
+CANDIDATES = 128
+
+Ranker = Callable[[torch.Tensor], torch.Tensor]
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """True where a bf16 matrix-vector product runs at memory speed: CPUs with AVX512-BF16."""
+    return device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def has_int8_engine() -> bool:
+    return any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
+
+
+def int8_ranker(weight: torch.Tensor) -> Ranker | None:
+    """hidden (C,) -> approximate logits (V,) from an int8 copy of `weight`, or None where this
+    PyTorch cannot build one."""
+    try:
+        # PyTorch marks its quantised tensors deprecated in favour of torchao; they still ship
+        # fbgemm's int8 kernels, and the fallback below covers a build without them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = weight.detach().float()
+            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+            zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+            packed = torch.ops.quantized.linear_prepack(
+                torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8), None)
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda hidden: torch.ops.quantized.linear_dynamic(hidden[None].float(), packed)[0]
+
+
+def bf16_ranker(weight: torch.Tensor) -> Ranker:
+    half = weight.detach().to(torch.bfloat16)
+    return lambda hidden: torch.mv(half, hidden.to(torch.bfloat16)).float()
+
+
+def ranker_for(weight: torch.Tensor) -> Ranker | None:
+    """The cheapest ranking copy of `weight` this machine multiplies fast, or None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    # Kept on the weight and rebuilt when it changes (its version counter moves): a server
+    # quantises the head once, not once per request.
+    cached = getattr(weight, "_decode_ranker", None)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
+    ranker = int8_ranker(weight) if has_int8_engine() else None
+    if ranker is None and has_fast_bf16(weight.device):
+        ranker = bf16_ranker(weight)
+    weight._decode_ranker = (weight._version, ranker)
+    return ranker
+
+
+def next_token_head(model: GPT, only_top: int | None, banned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from final hidden states (B, C) to next-token logits (B, V), `banned` ids at
+    -inf. `only_top`: the most candidates the sampler looks at (1 for greedy, k for top-k, None
+    for the whole vocabulary); within CANDIDATES, a single row is ranked by `ranker_for`."""
+    weight = model.lm_head.weight
+
+    def exact(hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(hidden).masked_fill(banned, float("-inf"))
+
+    if only_top is None or only_top > CANDIDATES or type(model.lm_head) is not Head:
+        return exact
+    rank = ranker_for(weight)
+    if rank is None:
+        return exact
+
+    def ranked(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] != 1:
+            return exact(hidden)
+        approx = rank(hidden[0]).masked_fill_(banned, float("-inf"))
+        candidates = approx.topk(min(CANDIDATES, approx.shape[0])).indices
+        logits = torch.full_like(approx, float("-inf"))
+        logits[candidates] = weight[candidates] @ hidden[0]
+        return logits[None]
+
+    return ranked
