@@ -80,14 +80,20 @@ def recover(path: str | os.PathLike) -> None:
         os.replace(old, path)
 
 
+def temporary_names(names: str) -> re.Pattern:
+    """The temporary names the atomic writes above give the files or directories whose final
+    names match the regular expression `names`: `.NAME.XXXXXXXX.tmp` (tempfile's 8 random
+    characters)."""
+    return re.compile(rf"^\.(?:{names})\.[a-z0-9_]{{8}}\.tmp$")
+
+
 def remove_temporaries(directory: str | os.PathLike, names: str) -> None:
-    """Remove what the atomic writes above left in `directory` when killed midway: files and
-    directories `.NAME.XXXXXXXX.tmp` (tempfile's 8 random characters) whose NAME matches the
-    regular expression `names`. Nothing else, so a user's `.notes.tmp` stays."""
+    """Remove what atomic writes of `names` left in `directory` when killed midway, and nothing
+    else: a user's `.notes.tmp` stays."""
     directory = Path(directory)
     if not directory.is_dir():
         return
-    pattern = re.compile(rf"^\.(?:{names})\.[a-z0-9_]{{8}}\.tmp$")
+    pattern = temporary_names(names)
     for path in directory.iterdir():
         if pattern.match(path.name):
             if path.is_dir() and not path.is_symlink():

@@ -11,23 +11,21 @@ a checkpoint resumes on any number of processes.
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from base.errors import UserError
-from base.shards import INDEX_FILE
+from base.shards import read_index
 
 
 class BatchLoader:
     def __init__(self, shard_dir: str, split: str, block_size: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
-        index_path = Path(shard_dir) / INDEX_FILE
-        if not index_path.exists():
+        index = read_index(Path(shard_dir))
+        if index is None:
             raise UserError(f"{shard_dir}: no token shards (build them with `python -m base.data <recipe>`)")
-        index = json.loads(index_path.read_text())
         self.block_size, self.batch, self.rank, self.world = block_size, micro_batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.shards, self.first_window = [], [0]

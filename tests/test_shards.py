@@ -17,6 +17,7 @@ import pytest
 from base.config import load_recipe
 from base.corpus import FilterReport, filtered, local_documents
 from base.data import ensure_shards
+from base.errors import UserError
 from base.recipe import DataConfig, PretrainRecipe
 from base.shards import build_shards, in_val, read_index, shards_ready
 from base.tokenizer import Tokenizer
@@ -170,17 +171,24 @@ def test_a_build_cut_at_any_step_restarts_identical(tmp_path, tokenizer):
     cut = tmp_path / "cut"
     # Killed after its last shard but before the index: the report still counts what it did.
     shutil.copytree(reference, cut)
-    (cut / "index.json").unlink()
+    killed_before_the_index(cut)
     build_shards(config_for(corpus, cut, shard_docs=3, max_tokens=60_000), tokenizer, cut)
     assert shard_bytes(cut) == expected
     # Killed in the middle of shard 2: its tokens written, its record not, a temporary file left.
     for later in metas[2:]:
         (cut / later.name).unlink()
     (cut / metas[2].name.replace(".json", ".train.bin")).write_bytes(b"\1\2\3")
-    (cut / ".local-00003.train.bin.x1y2.tmp").write_bytes(b"partial")
-    (cut / "index.json").unlink()
+    (cut / ".local-00003.train.bin.x1y2z3w4.tmp").write_bytes(b"partial")
+    killed_before_the_index(cut)
     build_shards(config_for(corpus, cut, shard_docs=3, max_tokens=60_000), tokenizer, cut)
     assert shard_bytes(cut) == expected
+
+
+def killed_before_the_index(shard_dir: Path) -> None:
+    """In place of a complete index, the manifest that a build killed before its index leaves."""
+    files = json.loads((shard_dir / "index.json").read_text())["files"]
+    (shard_dir / "index.json").write_text(json.dumps({"format_version": 2, "building": True, "build_hash": None,
+                                                      "files": files}))
 
 
 def test_a_sigkilled_build_restarts_and_ends_identical(tmp_path, tokenizer):
@@ -199,8 +207,9 @@ def test_a_sigkilled_build_restarts_and_ends_identical(tmp_path, tokenizer):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, (tmp_path / "build.log").read_text()
-    assert not (killed / "index.json").exists()
-    finished = {p.name: p.stat().st_mtime_ns for p in killed.iterdir() if not p.name.startswith(".")}
+    assert read_index(killed) is None  # the manifest of a build in progress, not an index
+    finished = {p.name: p.stat().st_mtime_ns for p in killed.iterdir()
+                if not p.name.startswith(".") and p.name != "index.json"}
     assert "local-00001.json" in finished and len(finished) < len(list(reference.iterdir()))
 
     build_shards(config, tokenizer, killed)
@@ -244,3 +253,34 @@ def test_data_command_reports_counts_and_reuse(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr == f"error: <command line>: data.paths: {tmp_path / 'nope'} does not exist\n"
     assert not (tmp_path / "t").exists()
+
+
+def test_a_directory_holding_other_files_is_refused_and_left_as_it_was(tmp_path, tokenizer):
+    corpus = stdlib_sample(tmp_path, count=10)
+    shard_dir = tmp_path / "mine"
+    shard_dir.mkdir()
+    mine = {"notes-00001.json": "{}\n", "results-00042.train.bin": "numbers\n", ".mine.tmp": "draft\n"}
+    for name, text in mine.items():
+        (shard_dir / name).write_text(text)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(shard_dir))}: holds \.mine\.tmp, which no shard build made"):
+        build_shards(config_for(corpus, shard_dir), tokenizer, shard_dir)
+    command = [sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", "data.source=local",
+               f"data.paths=[{corpus}]", f"data.shard_dir={shard_dir}", "data.num_workers=1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {shard_dir}: holds ")
+    assert result.stderr.count("\n") == 1
+    assert {p.name: p.read_text() for p in shard_dir.iterdir()} == mine
+
+    # Among a build's own files too; and a rebuild with other settings removes only the old build's.
+    built = tmp_path / "built"
+    build_shards(config_for(corpus, built), tokenizer, built)
+    (built / "notes-00001.json").write_text("{}\n")
+    with pytest.raises(UserError, match="holds notes-00001.json"):
+        build_shards(config_for(corpus, built, shard_docs=100), tokenizer, built)
+    (built / "notes-00001.json").unlink()
+    # An index written before indexes listed their files still owns its shards.
+    index = json.loads((built / "index.json").read_text())
+    del index["files"]
+    (built / "index.json").write_text(json.dumps(index))
+    index = build_shards(config_for(corpus, built, shard_docs=100), tokenizer, built)
+    assert {p.name for p in built.iterdir()} == {"index.json", *index["files"]}
