@@ -26,9 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from base.config import build
+from base.config import build, build_in_file
 from base.errors import UserError
 from base.fileio import atomic_directory, atomic_write_text, read_json, recover
+from base.footprint import memory_problem
 from base.model import GPT, GPTConfig
 from base.tokenizer import ENCODING, EOT_ID
 
@@ -126,7 +127,7 @@ def save_model(path: str | os.PathLike, model: GPT, *, tokenizer: str = ENCODING
 
 def read_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the model.safetensors of a CodeGPT directory into `model` in place (exact keys)."""
-    state = _load_safetensors(Path(path) / WEIGHTS_FILE)
+    state = read_safetensors(Path(path) / WEIGHTS_FILE)
     state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
     unwrap(model).load_state_dict(state)
 
@@ -149,8 +150,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     """Load a CodeGPT directory written by `save_model`."""
     path = Path(path)
     document = read_config(path)
-    config = build(GPTConfig, document.get("model", {}))
-    state = _load_safetensors(path / WEIGHTS_FILE)
+    config = build_in_file(GPTConfig, document.get("model", {}), path / CONFIG_FILE, "model.")
+    _check_fits(config, path / CONFIG_FILE)  # before reading weights that may be as large
+    state = read_safetensors(path / WEIGHTS_FILE)
     return _instantiate(config, state, str(path), device, dtype)
 
 
@@ -180,7 +182,13 @@ def detect_format(path: str | os.PathLike) -> str:
     raise UserError(f"{path}: no such file or directory")
 
 
+def _check_fits(config: GPTConfig, source) -> None:
+    if (problem := memory_problem(config)) is not None:
+        raise UserError(f"{source}: model.{problem[0]}: {problem[1]}")
+
+
 def _instantiate(config: GPTConfig, state: dict, source: str, device, dtype) -> GPT:
+    _check_fits(config, source)
     model = GPT(config)
     state = dict(state)
     state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
@@ -199,7 +207,8 @@ def _instantiate(config: GPTConfig, state: dict, source: str, device, dtype) -> 
     return model.to(device=device, dtype=dtype)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or damaged (truncated) one is a UserError."""
     try:
         return load_file(path)
     except FileNotFoundError:
@@ -327,7 +336,7 @@ def import_hf(path: str | os.PathLike, **_) -> tuple[GPTConfig, dict]:
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise UserError(f"{config_path}: n_inner={hf['n_inner']} (CodeGPT's MLP is 4 x n_embd)")
     if (path / "model.safetensors").is_file():
-        raw = _load_safetensors(path / "model.safetensors")
+        raw = read_safetensors(path / "model.safetensors")
     elif (path / "pytorch_model.bin").is_file():
         raw = _torch_load(path / "pytorch_model.bin")
     else:

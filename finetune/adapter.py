@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from base.checkpoint import load_any, provenance, unwrap, weights_hash
-from base.config import build
+from base.checkpoint import load_any, provenance, read_safetensors, unwrap, weights_hash
+from base.config import build_in_file
 from base.errors import UserError
 from base.fileio import atomic_write_text, read_json
 from base.model import GPT
@@ -45,15 +45,15 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     document = read_json(config_path, f"{path}: not an adapter (no {ADAPTER_CONFIG})")
     if document.get("format") != FORMAT:
         raise UserError(f"{config_path}: not a CodeGPT adapter")
+    for key, kind in (("base", str), ("base_hash", str), ("lora", dict)):
+        if not isinstance(document.get(key), kind):
+            raise UserError(f"{config_path}: {key}: missing or not a {'string' if kind is str else 'mapping'}")
     return document
 
 
 def read_adapter_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the adapter tensors of `path` into a model that already has LoRA layers."""
-    try:
-        state = load_file(Path(path) / ADAPTER_FILE)
-    except FileNotFoundError:
-        raise UserError(f"{path}: {ADAPTER_FILE} missing") from None
+    state = read_safetensors(Path(path) / ADAPTER_FILE)
     load_adapter_state(unwrap(model), state, source=str(path))
 
 
@@ -66,7 +66,7 @@ def attach_adapter(model: GPT, path: str | os.PathLike, base_hash: str | None = 
     if actual != expected:
         raise UserError(f"{path}: this adapter was trained on another base ({document['base']}, weights hash "
                         f"{expected[:12]}); the model given has hash {actual[:12]}")
-    apply_lora(model, build(LoRAConfig, document["lora"]))
+    apply_lora(model, build_in_file(LoRAConfig, document["lora"], Path(path) / ADAPTER_CONFIG, "lora."))
     read_adapter_weights(path, model)
     return model.eval()
 
