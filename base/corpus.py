@@ -9,9 +9,9 @@ Sources yield `Document(content, path)`:
 Every source then goes through the same filters as codeparrot-clean: exact dedup on the hash of
 the stripped content, and drops for the longest line over 1000 characters, mean line length over
 100, alphanumeric fraction under 0.25, or an auto-generated notice in the first 5 lines. Files
-that cannot be documents (unreadable, binary, not UTF-8, empty, huge) are skipped. Sources and
-filters count each drop in a `FilterReport` the moment they read it, so a reader that runs ahead
-(base/shards.py) can tie every drop to the document that follows it.
+that cannot be documents (unreadable, broken links, binary, not UTF-8, empty, huge) are skipped.
+Sources and filters count each drop in a `FilterReport` the moment they read it, so a reader that
+runs ahead (base/shards.py) can tie every drop to the document that follows it.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def _read_local(files: list[Path], report: FilterReport, max_file_bytes: int) ->
                 continue
             data = path.read_bytes()
         except OSError:
-            report.drop("unreadable", 0)
+            # A dangling link or a link loop is a common sight in a source tree: counted apart.
+            report.drop("broken_link" if path.is_symlink() else "unreadable", 0)
             continue
         if b"\0" in data:
             report.drop("binary", len(data))

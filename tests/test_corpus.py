@@ -57,8 +57,26 @@ def test_huge_unreadable_and_special_files_are_skipped(tmp_path):
     report = FilterReport()
     docs = list(local_documents([str(tmp_path)], report, max_file_bytes=1000))
     assert report.dropped_docs["too_large"] == 1 and report.dropped_bytes["too_large"] == len(GOOD) * 100
-    unreadable = 2 if os.geteuid() == 0 else 3  # root reads anything
-    assert report.dropped_docs["unreadable"] == unreadable and len(docs) == 3 - unreadable
+    unreadable = 1 if os.geteuid() == 0 else 2  # root reads anything
+    assert report.dropped_docs["unreadable"] == unreadable and len(docs) == 2 - unreadable
+    assert report.dropped_docs["broken_link"] == 1
+
+
+def test_broken_links_in_a_corpus_are_skipped_and_counted(tmp_path, capsys):
+    from base.data import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "good.py").write_text(GOOD)
+    (corpus / "dangling.py").symlink_to(corpus / "nowhere.py")
+    (corpus / "loop.py").symlink_to(corpus / "loop.py")
+    (corpus / "sub" / "up").symlink_to(corpus)  # a directory loop: not followed
+    shards = tmp_path / "shards"
+    main([str(ROOT / "recipes/pretrain-tiny.yaml"), "data.source=local", f"data.paths=[{corpus}]",
+          f"data.shard_dir={shards}", "data.num_workers=1"])
+    report = json.loads((shards / "index.json").read_text())["filter_report"]
+    assert report["kept"]["docs"] == 1 and report["dropped"] == {"broken_link": {"docs": 2, "bytes": 0}}
+    assert any(line.split()[:3] == ["dropped:", "broken_link", "2"] for line in capsys.readouterr().out.splitlines())
 
 
 def test_quality_rules_at_their_thresholds():
