@@ -323,6 +323,9 @@ def import_hf(path: str | os.PathLike, **_) -> tuple[GPTConfig, dict]:
     path = Path(path)
     config_path = path / CONFIG_FILE
     hf = read_json(config_path, f"{path}: no {CONFIG_FILE} (not a Hugging Face model directory)")
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if key not in hf:
+            raise UserError(f"{config_path}: no {key} (not a GPT-2 config)")
     activation = HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
     if activation is None:
         raise UserError(f"{config_path}: activation_function {hf['activation_function']!r} is not supported "

@@ -103,11 +103,19 @@ def remove_temporaries(directory: str | os.PathLike, names: str) -> None:
 
 
 def read_json(path: str | os.PathLike, missing: str) -> dict:
-    """A JSON file's content; `missing` is the UserError message when it does not exist, and
-    invalid JSON is a UserError naming the file and line."""
+    """The JSON object in a file; `missing` is the UserError message when it does not exist, and
+    anything else that is not a JSON object (unreadable, not UTF-8, invalid, a list) is a
+    UserError naming the file (and the line where JSON says)."""
     try:
-        return json.loads(Path(path).read_text())
+        document = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(missing) from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a JSON text file (byte {err.start} is not UTF-8)") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    return document

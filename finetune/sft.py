@@ -99,7 +99,7 @@ def sft(recipe: SFTRecipe) -> dict:
 def main(argv: list[str] | None = None) -> None:
     path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
     if path is None:
-        raise UserError(f"name a recipe\n{USAGE}")
+        raise UserError(f"name a recipe ({USAGE})")
     sft(load_recipe(SFTRecipe, path, overrides))
 
 

@@ -1,0 +1,292 @@
+"""Bad input to every command and to the HTTP API, swept.
+
+Each command gets one line on stderr naming the file, key or field, exit code 2, no traceback,
+and leaves every file it could see as it was: the sweep runs in a directory holding a small
+model, an adapter, token shards, task examples and recipes, and hashes all of it before and
+after each case. The API answers 4xx with a JSON error naming the field. Commands run in this
+process (their `main(argv)`), which costs milliseconds where a fresh interpreter costs seconds.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.checkpoint import save_model, weights_hash
+from base.model import GPT, GPTConfig
+from base.recipe import DataConfig
+from base.shards import build_shards
+from base.tokenizer import Tokenizer
+from finetune.adapter import write_adapter_files
+from finetune.lora import LoRAConfig, apply_lora
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = "model:\n  block_size: 32\n  n_layer: 1\n  n_head: 2\n  n_embd: 32\n  dropout: 0.0\n"
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """A working directory with one of everything the commands read, good and bad."""
+    w = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    model = GPT(config)
+    save_model(w / "run/final", model)
+    base_hash = weights_hash(model.state_dict())
+    lora = LoRAConfig(r=2, targets=["c_attn"])
+    apply_lora(model, lora)
+    for name in ("adapter", "adapter-truncated", "adapter-list", "adapter-otherbase", "adapter-nohash"):
+        (w / name).mkdir()
+        write_adapter_files(w / name, model, lora, str(w / "run/final"), base_hash)
+    weights = (w / "adapter-truncated/adapter.safetensors").read_bytes()
+    _write(w / "adapter-truncated/adapter.safetensors", weights[: len(weights) // 2])
+    _write(w / "adapter-list/adapter.json", "[]\n")
+    document = json.loads((w / "adapter/adapter.json").read_text())
+    _write(w / "adapter-otherbase/adapter.json", json.dumps({**document, "base_hash": "0" * 64}))
+    _write(w / "adapter-nohash/adapter.json", json.dumps({k: v for k, v in document.items() if k != "base_hash"}))
+
+    # Checkpoints whose config.json or weights are broken, each beside good weights.
+    good_config = json.loads((w / "run/final/config.json").read_text())
+    for name, content in (("ckpt-list", "[]"), ("ckpt-binary", b"\xff\xfe{}"),
+                          ("ckpt-huge", json.dumps({**good_config, "model": {**good_config["model"], "n_layer": 10**6}})),
+                          ("ckpt-badtype", json.dumps({**good_config, "model": {**good_config["model"], "n_layer": "two"}})),
+                          ("ckpt-truncated", json.dumps(good_config))):
+        _write(w / name / "config.json", content)
+        weights = (w / "run/final/model.safetensors").read_bytes()
+        _write(w / name / "model.safetensors", weights[:1000] if name == "ckpt-truncated" else weights)
+    _write(w / "not-gpt2/config.json", json.dumps({"model_type": "bert"}))
+    _write(w / "gpt2-incomplete/config.json", json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    _write(w / "garbage.pt", b"not a pickle at all")
+
+    # Token shards from a few standard-library files, and shard directories that are not.
+    corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    data = DataConfig(source="local", paths=[str(corpus)], shard_dir=str(w / "shards"), val_fraction=0.3, num_workers=1)
+    build_shards(data, Tokenizer(), w / "shards")
+    _write(w / "shards-garbage/index.json", "{not json")
+    _write(w / "a-file", "not a directory\n")
+
+    # Recipes.
+    data_section = (f"data:\n  source: local\n  paths: [{corpus}]\n  shard_dir: {w / 'shards'}\n"
+                    "  val_fraction: 0.3\n  num_workers: 1\n")
+    train = "train:\n  batch_tokens: 128\n  micro_batch_size: 4\n  max_steps: 2\n  warmup_steps: 1\n"
+    _write(w / "recipes/tiny.yaml", f"out_dir: {w / 'run'}\n{TINY_MODEL}{data_section}{train}"
+                                    "log:\n  wandb: disabled\n  quality_samples: 0\n")
+    _write(w / "recipes/sft.yaml", f"out_dir: {w / 'sft'}\nbase: {w / 'run/final'}\nblock_size: 32\n"
+                                   f"task:\n  data_dir: {w / 'tasks'}\n  paths: [{corpus}]\n{train}")
+    _write(w / "recipes/task.yaml", f"task:\n  name: docstring\n  paths: [{corpus}]\n  data_dir: {w / 'tasks'}\n")
+    _write(w / "recipes/binary.yaml", b"train:\n  lr: \xff\xfe\n")
+    _write(w / "recipes/twice.yaml", "train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    _write(w / "recipes/task-twice.yaml", "task:\n  name: docstring\ntask:\n  name: bugfix\n")
+    _write(w / "recipes/empty.yaml", "# nothing set\n")
+    _write(w / "recipes/broken.yaml", "train:\n  lr: [1,\n")
+
+    # Prompts and task examples.
+    _write(w / "prompt.bin", b"\x89PNG\r\n\x1a\n\x00\xff")
+    example = {"task": "docstring", "prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n", "completion": "    return 2 * x\n"}
+    _write(w / "examples/unknown-task.jsonl", json.dumps(example) + "\n" + json.dumps({**example, "task": "poetry"}) + "\n")
+    _write(w / "examples/mixed.jsonl", json.dumps(example) + "\n" + json.dumps({**example, "task": "bugfix"}) + "\n")
+    _write(w / "examples/garbage.jsonl", "{\"prompt\": \n")
+    _write(w / "examples/empty.jsonl", "\n")
+    return w
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (content hash), directory and link under `root`."""
+    state = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory, name)
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                state[key] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                state[key] = "dir"
+            else:
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+# (command, arguments with {w} for the world directory, what the one line must name)
+CASES = [
+    # Recipes
+    ("base.data", ["{w}/recipes/binary.yaml"], "binary.yaml: not a text recipe"),
+    ("base.data", ["{w}/recipes/twice.yaml"], "twice.yaml:3: train.lr: given twice (lines 2 and 3)"),
+    ("base.data", ["{w}/recipes/empty.yaml"], "empty.yaml: recipe is empty"),
+    ("base.data", ["{w}/recipes/tiny.yaml", "data.shard_dir={w}/a-file"], "a-file"),
+    ("base.data", ["{w}/recipes/tiny.yaml", "data.shard_dir={w}/shards-garbage"], "shards-garbage: holds index.json"),
+    ("base.data", ["{w}/recipes/tiny.yaml", "data.val_fraction=2"], "data.val_fraction"),
+    ("base.data", ["{w}/recipes/tiny.yaml", "data.paths=[{w}/nowhere]"], "data.paths"),
+    ("base.data", ["{w}/recipes/tiny.yaml", "--shards"], "unexpected argument '--shards'"),
+    ("base.pretrain", ["{w}/recipes/empty.yaml"], "recipe is empty"),
+    ("base.pretrain", ["{w}/recipes/binary.yaml"], "binary.yaml"),
+    ("base.pretrain", ["{w}/recipes/twice.yaml"], "train.lr: given twice"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "bad.key=1"], "bad.key: unknown key"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "model.n_layer=1000000"], "model.n_layer: 1,000,000 makes"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "model.vocab_size=1000000000000"], "model.vocab_size"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "train.lr=-1"], "train.lr"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "train.batch_tokens=100"], "train.batch_tokens"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "model.n_head=3"], "model.n_embd"),
+    ("base.pretrain", ["{w}/recipes/missing.yaml"], "missing.yaml: recipe file not found"),
+    ("base.pretrain", ["{w}/recipes/broken.yaml"], "broken.yaml:3: invalid YAML"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "train.lr"], "unexpected argument 'train.lr'"),
+    ("base.pretrain", ["{w}/recipes/tiny.yaml", "=1"], "expected section.key=value"),
+    ("finetune.sft", [], "name a recipe"),
+    ("finetune.sft", ["{w}/recipes/empty.yaml"], "recipe is empty"),
+    ("finetune.sft", ["{w}/recipes/binary.yaml"], "binary.yaml"),
+    ("finetune.sft", ["{w}/recipes/sft.yaml", "base={w}/nowhere"], "base: {w}/nowhere not found"),
+    ("finetune.sft", ["{w}/recipes/sft.yaml", "lora.r=0"], "lora.r"),
+    ("finetune.sft", ["{w}/recipes/sft.yaml", "method=half"], "method"),
+    ("finetune.sft", ["{w}/recipes/sft.yaml", "train.max_steps=0"], "train.max_steps"),
+    ("tasks.build", ["{w}/recipes/empty.yaml"], "recipe is empty"),
+    ("tasks.build", ["{w}/recipes/task-twice.yaml"], "task-twice.yaml:3: task: given twice"),
+    ("tasks.build", ["{w}/recipes/binary.yaml"], "binary.yaml"),
+    ("tasks.build", ["{w}/recipes/task.yaml", "task.name=poetry"], "task.name"),
+    ("tasks.build", ["{w}/recipes/task.yaml", "task.paths=[{w}/nowhere]"], "task.paths"),
+    ("tasks.build", ["{w}/recipes/task.yaml", "task.source=files", "task.paths=[]"], "task.paths"),
+    # Models, adapters, checkpoints
+    ("base.generate", ["{w}/ckpt-list"], "ckpt-list/config.json: expected a JSON object"),
+    ("base.generate", ["{w}/ckpt-binary"], "ckpt-binary/config.json: not a JSON text file"),
+    ("base.generate", ["{w}/ckpt-huge"], "ckpt-huge/config.json: model.n_layer: 1,000,000 makes"),
+    ("base.generate", ["{w}/ckpt-badtype"], "ckpt-badtype/config.json: model.n_layer: expected int"),
+    ("base.generate", ["{w}/ckpt-truncated"], "ckpt-truncated/model.safetensors"),
+    ("base.generate", ["{w}/nowhere"], "nowhere"),
+    ("finetune.merge", ["{w}/adapter-truncated", "{w}/merged"], "adapter-truncated/adapter.safetensors"),
+    ("finetune.merge", ["{w}/adapter-list", "{w}/merged"], "adapter-list/adapter.json"),
+    ("finetune.merge", ["{w}/adapter-nohash", "{w}/merged"], "adapter-nohash/adapter.json: base_hash"),
+    ("finetune.merge", ["{w}/adapter", "{w}/run/final"], "is the base model"),
+    ("finetune.merge", ["{w}/adapter", "{w}/recipes"], "recipes: not empty"),
+    ("finetune.merge", ["{w}/adapter"], "out"),
+    ("finetune.sample", ["{w}/adapter-otherbase"], "adapter-otherbase: this adapter was trained on another base"),
+    ("finetune.sample", ["{w}/adapter-truncated"], "adapter-truncated/adapter.safetensors"),
+    ("base.convert", ["{w}/garbage.pt", "{w}/out"], "garbage.pt"),
+    ("base.convert", ["{w}/run/final", "{w}/out", "--to", "onnx"], "--to"),
+    ("base.convert", ["{w}/nowhere", "{w}/out"], "nowhere"),
+    ("base.convert", ["{w}/not-gpt2", "{w}/out"], "not-gpt2: neither a CodeGPT checkpoint"),
+    ("base.convert", ["{w}/garbage.pt", "{w}/out", "--n-head", "0"], "--n-head"),
+    ("base.convert", ["{w}/gpt2-incomplete", "{w}/out"], "gpt2-incomplete/config.json: no n_positions"),
+    ("base.convert", ["{w}/ckpt-list", "{w}/out"], "ckpt-list/config.json: expected a JSON object, got list"),
+    ("finetune.quality", ["{w}/run/final", "-k", "0"], "-k/--samples"),
+    ("finetune.quality", ["{w}/run/final", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("finetune.quality", ["{w}/ckpt-list"], "ckpt-list/config.json"),
+    ("finetune.quality", ["{w}/run/final", "-k", "1", "--max-new-tokens", "1", "--shards", "{w}/shards-garbage"],
+     "shards-garbage: no token shards"),
+    ("serve.__main__", ["--model", "{w}/run/final", "--port", "70000"], "--port"),
+    ("serve.__main__", ["--model", "{w}/run/final", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("serve.__main__", ["--model", "{w}/nowhere"], "nowhere"),
+    ("serve.__main__", [], "--model"),
+    ("serve.__main__", ["--model", "{w}/adapter-list"], "adapter-list/adapter.json"),
+    # Sampling options and prompts
+    ("base.generate", ["{w}/run/final", "--temperature", "1e-40"], "--temperature"),
+    ("base.generate", ["{w}/run/final", "--temperature", "nan"], "--temperature"),
+    ("base.generate", ["{w}/run/final", "--temperature", "hot"], "--temperature"),
+    ("base.generate", ["{w}/run/final", "--seed", str(2**70)], "--seed"),
+    ("base.generate", ["{w}/run/final", "--seed", "-1"], "--seed"),
+    ("base.generate", ["{w}/run/final", "--file", "{w}/prompt.bin"], "prompt.bin: the prompt file is not UTF-8"),
+    ("base.generate", ["{w}/run/final", "--file", "{w}/nowhere.py"], "nowhere.py"),
+    ("base.generate", ["{w}/run/final", "--num-samples", "0"], "--num-samples"),
+    ("base.generate", ["{w}/run/final", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("base.generate", ["{w}/run/final", "--top-p", "1.5"], "--top-p"),
+    ("base.generate", ["{w}/run/final", "--top-k", "0"], "--top-k"),
+    ("base.generate", ["{w}/run/final", "--stop", ""], "--stop"),
+    ("base.generate", ["{w}/run/final", "--bogus"], "--bogus"),
+    ("finetune.sample", ["{w}/run/final", "-n", "0"], "-n/--num-samples"),
+    ("finetune.sample", ["{w}/run/final", "--task-examples", "{w}/examples/unknown-task.jsonl"],
+     "unknown-task.jsonl:2: unknown task 'poetry'"),
+    ("finetune.sample", ["{w}/run/final", "--task-examples", "{w}/examples/garbage.jsonl"], "garbage.jsonl:1"),
+    ("finetune.sample", ["{w}/run/final", "--seed", str(2**70)], "--seed"),
+    ("finetune.sample", ["{w}/run/final", "--file", "{w}/prompt.bin"], "prompt.bin"),
+    ("finetune.evaluate", ["{w}/run/final", "--limit", "0"], "--limit"),
+    ("finetune.evaluate", ["{w}/run/final", "--batch-size", "0"], "--batch-size"),
+    ("finetune.evaluate", ["{w}/run/final", "-n", "0"], "-n/--samples"),
+    ("finetune.evaluate", ["{w}/run/final", "--benchmark", "examples", "--examples", "{w}/examples/unknown-task.jsonl"],
+     "unknown-task.jsonl:2: unknown task 'poetry'"),
+    ("finetune.evaluate", ["{w}/run/final", "--benchmark", "examples", "--examples", "{w}/examples/mixed.jsonl"],
+     "mixed.jsonl: record 2"),
+    ("finetune.evaluate", ["{w}/run/final", "--benchmark", "examples", "--examples", "{w}/examples/empty.jsonl"],
+     "empty.jsonl: no examples"),
+    ("finetune.evaluate", ["{w}/run/final", "--benchmark", "examples"], "--examples"),
+    ("finetune.evaluate", ["{w}/run/final", "--benchmark", "mbpp"], "--benchmark"),
+    ("finetune.evaluate", ["{w}/run/final", "--temperature", "1e-40"], "--temperature"),
+]
+
+
+@pytest.mark.parametrize("command,args,names", CASES, ids=[f"{c}:{' '.join(a)[-60:]}" for c, a, _ in CASES])
+def test_a_command_refuses_bad_input_in_one_line_and_changes_nothing(world, command, args, names, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(world)  # whatever a command would write by default lands where it is hashed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main = importlib.import_module(command).main
+    before = snapshot(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.replace("{w}", str(world)) for a in args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in out + err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert names.replace("{w}", str(world)) in err, err
+    assert snapshot(world) == before
+
+
+# The API: (request body, or raw bytes, the field the JSON error must name)
+API_CASES = [
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "seed": 2**70, "stream": True}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "temperature": 1e-40}, "temperature"),
+    ({"prompt": "x", "temperature": 1e-40, "stream": True}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": 11}, "temperature"),
+    ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 10**6}, "max_new_tokens"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_k": 0}, "top_k"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "stop": "\n"}, "stop"),
+    ({"prompt": "x", "stop": ["a"] * 17}, "stop"),
+    ({"prompt": "x", "stream": "maybe"}, "stream"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "word " * 800}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "temprature": 0.5}, "temprature"),
+    (b'{"prompt": "x",', None),
+    (b"[]", None),
+]
+
+
+@pytest.fixture(scope="module")
+def client():
+    from starlette.testclient import TestClient
+
+    from serve.app import Limits, create_app
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
+    info = {"model": "tiny", "parameters": model.num_params(), "adapter": None, "device": "cpu"}
+    with TestClient(create_app(model, Tokenizer(), info, Limits(max_prompt_tokens=63))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("body,field", API_CASES, ids=[str(b)[:50] for b, _ in API_CASES])
+def test_the_api_refuses_bad_input_naming_the_field(client, body, field):
+    if isinstance(body, bytes):
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/generate", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()
+    assert error["field"] == field and isinstance(error["error"], str), error
+    if field is not None:
+        assert error["error"].startswith(f"{field}: ")
