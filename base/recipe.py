@@ -54,8 +54,11 @@ class TrainConfig:
 
     batch_tokens: int = 2**19  # tokens per optimizer step, reached by gradient accumulation
     micro_batch_size: int = 16  # sequences per forward pass on each process
-    max_steps: int = 5912
+    max_steps: int = 5912  # with time_budget_minutes: the most steps the budget may plan
     warmup_steps: int = 222
+    # Minutes the training loop (evaluations included) may take: it times its first warm-up
+    # steps and one evaluation, then fixes max_steps (see base/budget.py). None: max_steps.
+    time_budget_minutes: float | None = None
     lr: float = 6e-4
     min_lr: float = 6e-5
     weight_decay: float = 0.01
@@ -82,6 +85,12 @@ class TrainConfig:
                 raise InvalidValue(name, f"must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise InvalidValue("warmup_steps", f"must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.time_budget_minutes is not None:
+            if self.time_budget_minutes <= 0:
+                raise InvalidValue("time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
+            if self.warmup_steps < 3:
+                raise InvalidValue("warmup_steps", f"a time budget times the first warm-up steps: needs at least "
+                                                   f"3, got {self.warmup_steps}")
         if self.lr <= 0:
             raise InvalidValue("lr", f"must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

@@ -26,15 +26,16 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from base import budget
 from base.checkpoint import provenance, read_model_weights, unwrap, write_model_files
 from base.config import dump_recipe, read_yaml, to_dict
 from base.errors import UserError
@@ -48,7 +49,7 @@ TRAINER_FILE = "trainer.json"
 RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # The names whose atomic writes a killed run leaves as `.NAME.XXXXXXXX.tmp` in its directory.
-RUN_TEMPORARIES = r"step-\d+|final|recipe\.yaml|run\.json|metrics\.jsonl|quality\.json"
+RUN_TEMPORARIES = r"step-\d+|final|recipe\.yaml|run\.json|metrics\.jsonl|quality\.json|budget\.json"
 
 
 class BatchSource(Protocol):
@@ -286,20 +287,57 @@ class Trainer:
                            accumulation=self.accumulation, threads=torch.get_num_threads()), indent=2) + "\n")
         if train.resume:
             self.resume()
+        probe_end = self._start_budget()
         self.metrics.start_wandb(self.log, self.recipe, resume=self.step > 0)
         tokens_per_step = self.accumulation * train.micro_batch_size * self.block_size * acc.num_processes
         acc.print(f"{unwrap(self.model).num_params():,} parameters | {acc.num_processes} process(es) "
                   f"on {acc.device} | {self.accumulation} micro-batches of {train.micro_batch_size}x{self.block_size} "
                   f"per step = {tokens_per_step:,} tokens | precision {acc.mixed_precision}")
         self.model.train()
-        last = {}
+        last, step_times, started = {}, [], time.perf_counter()
         # Closed on the way out of an error too, so that the error's line is not drawn over.
-        with tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True,
-                  unit="step") as bar:
-            while self.step < train.max_steps:
+        with tqdm(total=self.train.max_steps, initial=self.step, disable=not acc.is_main_process,
+                  dynamic_ncols=True, unit="step") as bar:
+            while self.step < self.train.max_steps:
                 last = self._step(tokens_per_step, bar)
+                step_times.append(last["step_s"])
+                if self.step == probe_end:
+                    self._plan_budget(time.perf_counter() - started, step_times)
+                    bar.total = self.train.max_steps
+                    bar.refresh()
         self.metrics.finish()
         return last
+
+    def _start_budget(self) -> int | None:
+        """With a time budget: take the plan a resumed run recorded, or return the step after
+        which to plan (None when there is nothing to plan)."""
+        if self.train.time_budget_minutes is None:
+            return None
+        recorded = budget.read_plan(self.out_dir) if self.step > 0 else None
+        if recorded is not None:
+            self.train = replace(self.train, max_steps=recorded.max_steps)
+            return None
+        probe_end = self.step + budget.probe_length(self.train.warmup_steps)
+        return probe_end if probe_end <= self.train.warmup_steps else None
+
+    def _plan_budget(self, elapsed_s: float, step_times: list[float]) -> None:
+        """Fix max_steps from the probe's step times and one timed evaluation (the main process
+        decides and every rank follows), and record the plan before any later checkpoint."""
+        started = time.perf_counter()
+        val = self.evaluate()
+        eval_s = time.perf_counter() - started
+        self.metrics.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                          "tokens": self.tokens_seen})
+        plan = budget.plan(self.train.time_budget_minutes, elapsed_s + eval_s, self.step, step_times, eval_s,
+                           self.train.eval_interval, cap=self.train.max_steps)
+        plan = broadcast_object_list([plan])[0]
+        if self.accelerator.is_main_process:
+            budget.write_plan(self.out_dir, plan)
+        self.train = replace(self.train, max_steps=plan.max_steps)
+        self.accelerator.print(f"time budget {plan.time_budget_minutes:g} min: {plan.step_s:.2f} s a step, "
+                               f"{plan.eval_s:.1f} s an evaluation -> {plan.max_steps} steps")
+        if self.step == plan.max_steps:  # the budget is spent: this step is the last
+            self.save_checkpoint(final=True)
 
     def _step(self, tokens_per_step: int, bar: tqdm) -> dict:
         """One optimizer step, then its logging, evaluation and checkpoint; the step's record."""
