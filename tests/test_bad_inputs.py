@@ -11,6 +11,10 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import shlex
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -290,3 +294,15 @@ def test_the_api_refuses_bad_input_naming_the_field(client, body, field):
     assert error["field"] == field and isinstance(error["error"], str), error
     if field is not None:
         assert error["error"].startswith(f"{field}: ")
+
+
+def test_the_readmes_accelerate_example_prints_our_line_alone():
+    """The README's example, run as written: accelerate adds no line of its own, and exits 1
+    (its launcher turns any failure of the script into 1, as the README says)."""
+    example = re.search(r"\n\$ (accelerate launch (?:[^\n]*\\\n)*[^\n]*)\n(error: [^\n]+)\n",
+                        (ROOT / "README.md").read_text())
+    command, expected = example.group(1).replace("\\\n", " "), example.group(2)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    result = subprocess.run([accelerate, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stderr == expected + "\n" and result.returncode == 1, result.stderr
