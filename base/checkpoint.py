@@ -362,6 +362,8 @@ def export_hf(model: GPT, path: str | os.PathLike) -> Path:
     config = model.config
     state = {}
     for key, tensor in model_state(model).items():
+        if key == "active_ids":  # GPT-2 has no such buffer: the exported softmax covers every id
+            continue
         state[key] = tensor.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else tensor
     if not config.bias:
         # GPT-2 always has biases; zeros compute the same function as none.

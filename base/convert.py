@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_any(args.source, n_head=args.n_head, activation=args.activation)
     if args.to == "hf":
         export_hf(model, args.dest)
+        if model.config.active_vocab is not None:
+            print(f"note: {args.source} was trained over {model.config.active_vocab:,} of its {model.config.vocab_size:,} "
+                  "ids; GPT-2 has no such restriction, so the exported model gives the others small probabilities "
+                  "(ban them when sampling: they never occurred in its training data)")
     else:
         save_model(args.dest, model, meta=provenance(source=str(args.source), source_format=kind))
     print(f"{args.source} ({kind}) -> {args.dest} ({args.to}): {model.num_params():,} parameters")

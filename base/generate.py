@@ -118,11 +118,13 @@ class _RowText:
 
 
 def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
-    """Ids the model can score but the tokenizer cannot decode: the padding rows and gaps."""
+    """Ids never to sample: those the tokenizer cannot decode (the padding rows and gaps) and
+    those outside the model's softmax (a model trained over the ids its data holds)."""
     banned = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
     valid = torch.tensor(tokenizer.valid_ids, device=device)
     banned[valid[valid < model.config.vocab_size]] = False
-    return banned
+    inactive = model.inactive()
+    return banned if inactive is None else banned | inactive.to(device)
 
 
 def decoder(model: GPT, cache: KVCache, head, graphs: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from base.config import InvalidValue
-from base.loss import linear_cross_entropy
+from base.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass
@@ -41,6 +41,9 @@ class GPTConfig:
     bias: bool = True
     # GPT-2 and build-nanogpt use the tanh approximation; nanoGPT's model.py uses exact GELU.
     activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    # How many ids the softmax covers when it is trained over the ids its data holds (the
+    # `active_ids` buffer, set by `data.vocab_subset`); None: all vocab_size ids.
+    active_vocab: int | None = None
 
     def validate(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -50,6 +53,8 @@ class GPTConfig:
             raise InvalidValue("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidValue("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.active_vocab is not None and not 0 < self.active_vocab <= self.vocab_size:
+            raise InvalidValue("active_vocab", f"must be in [1, vocab_size={self.vocab_size}], got {self.active_vocab}")
 
 
 class LayerCache:
@@ -204,6 +209,9 @@ class GPT(nn.Module):
         )
         self.lm_head = Head(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        # The ids the softmax covers, sorted, when it covers only those its training data holds.
+        self.register_buffer("active_ids", torch.zeros(config.active_vocab or 0, dtype=torch.long),
+                             persistent=config.active_vocab is not None)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled so the residual stream's variance does not grow with depth.
         for name, param in self.named_parameters():
@@ -235,9 +243,26 @@ class GPT(nn.Module):
         computes what separate rows would."""
         x = self.hidden_states(idx, segments)
         if targets is None:
-            return self.lm_head(x)
+            logits = self.lm_head(x)
+            return logits if self.config.active_vocab is None else logits.masked_fill(self.inactive(), float("-inf"))
         features, weight = self.lm_head.operands(x.flatten(0, 1))
-        return linear_cross_entropy(features, weight, targets.flatten())
+        targets = targets.flatten()
+        if self.config.active_vocab is not None:
+            # The softmax over the active ids only: a head with a fraction of the rows. A target
+            # outside them (never in the pretraining data) cannot be learned and is not counted.
+            index = torch.full((self.config.vocab_size,), IGNORE_INDEX, device=targets.device)
+            index[self.active_ids] = torch.arange(len(self.active_ids), device=targets.device)
+            weight, targets = weight[self.active_ids], torch.where(targets < 0, targets, index[targets.clamp(min=0)])
+        return linear_cross_entropy(features, weight, targets)
+
+    def inactive(self) -> torch.Tensor | None:
+        """Bool (vocab_size,): the ids outside the softmax (never predicted), or None when all
+        are inside."""
+        if self.config.active_vocab is None:
+            return None
+        mask = torch.ones(self.config.vocab_size, dtype=torch.bool, device=self.active_ids.device)
+        mask[self.active_ids] = False
+        return mask
 
     def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, n_embd) of whole rows, plain or packed."""

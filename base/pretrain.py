@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from base.checkpoint import unwrap
@@ -26,6 +27,7 @@ from base.loader import BatchLoader
 from base.model import GPT, GPTConfig
 from base.quality import describe, parse_rate
 from base.recipe import PretrainRecipe
+from base.shards import read_index
 from base.tokenizer import Tokenizer
 from base.train import Trainer, make_accelerator
 
@@ -55,6 +57,18 @@ def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world
     return batches
 
 
+def data_vocabulary(shard_dir: Path, tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """The sorted ids that occur in the shards (both splits, so that no held-out target falls
+    outside the softmax) and the tokenizer's special tokens (end of text, fill-in-the-middle)."""
+    seen = np.zeros(vocab_size, dtype=bool)
+    for split in read_index(shard_dir)["splits"].values():
+        for shard in split["shards"]:
+            tokens = np.memmap(shard_dir / shard["file"], dtype="<u4", mode="r")
+            seen |= np.bincount(tokens, minlength=vocab_size)[:vocab_size] > 0
+    seen[list(tokenizer.special_ids.values())] = True
+    return torch.from_numpy(np.flatnonzero(seen))
+
+
 def pretrain(recipe: PretrainRecipe) -> dict:
     accelerator = make_accelerator(recipe.train)
     tokenizer = Tokenizer()
@@ -63,8 +77,14 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                         f"{tokenizer.vocab_size} ids")
     with accelerator.main_process_first():
         shard_dir = ensure_shards(recipe.data, tokenizer)
+    active_ids = data_vocabulary(shard_dir, tokenizer, recipe.model.vocab_size) if recipe.data.vocab_subset else None
+    if active_ids is not None:
+        recipe.model = dataclasses.replace(recipe.model, active_vocab=len(active_ids))
     torch.manual_seed(recipe.train.seed)
     model = GPT(recipe.model)
+    if active_ids is not None:
+        model.active_ids.copy_(active_ids)
+        accelerator.print(f"softmax over the {len(active_ids):,} ids the shards hold, of {recipe.model.vocab_size:,}")
     rank, world = accelerator.process_index, accelerator.num_processes
     train_batches = BatchLoader(str(shard_dir), "train", recipe.model.block_size, recipe.train.micro_batch_size,
                                 rank, world, seed=recipe.train.seed)

@@ -145,3 +145,26 @@ def test_compiled_train_step_has_no_graph_break_and_matches_eager():
         reference.backward()
         for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_softmax_over_the_active_ids_equals_the_full_softmax_with_the_others_removed():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(active_vocab=200))
+    model.active_ids.copy_(torch.randperm(512)[:200].sort().values)
+    idx = torch.randint(0, 512, (2, 32))
+    targets = model.active_ids[torch.randint(0, 200, (2, 32))]
+    targets[0, :3] = -100
+    targets[1, 0] = int(model.inactive().nonzero()[0])  # never in the data: not counted
+    loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(idx)  # the inactive ids at -inf
+    assert torch.isinf(logits[..., model.inactive()]).all() and torch.isfinite(logits[..., model.active_ids]).all()
+    kept = targets.clone()
+    kept[1, 0] = -100
+    reference = F.cross_entropy(logits.flatten(0, 1), kept.flatten(), ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -11,7 +11,13 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from base.checkpoint import load_model
+from base.generate import Sampling, banned_ids, token_steps
+from base.shards import read_index
+from base.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -152,3 +158,21 @@ def test_resuming_another_model_is_refused_before_anything_is_written(tmp_path, 
     # Dropout is no part of the weights: a run may resume with another.
     resumed = pretrain(*common, "train.max_steps=2", "model.dropout=0.1")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+
+
+def test_a_softmax_over_the_data_ids_is_recorded_with_the_model_and_never_sampled_outside(tmp_path, data):
+    run = tmp_path / "run"
+    result = pretrain(*data, *TINY, "data.vocab_subset=true", "train.max_steps=2", f"out_dir={run}")
+    assert result.returncode == 0, result.stderr
+    shard_dir = Path(next(o for o in data if o.startswith("data.shard_dir="))[len("data.shard_dir="):])
+    held = set()
+    for split in read_index(shard_dir)["splits"].values():
+        for shard in split["shards"]:
+            held |= set(np.unique(np.memmap(shard_dir / shard["file"], dtype="<u4", mode="r")).tolist())
+    model = load_model(run / "final")
+    tokenizer = Tokenizer()
+    assert set(model.active_ids.tolist()) == held | set(tokenizer.special_ids.values())
+    assert model.config.active_vocab == len(model.active_ids) < 20_000
+    steps = token_steps(model.eval(), [tokenizer.encode("import")], Sampling(temperature=1.0, seed=0),
+                        banned_ids(model, tokenizer, "cpu"), tokenizer.eot_id)
+    assert {next(steps)[0] for _ in range(50)} <= set(model.active_ids.tolist())
