@@ -3,7 +3,8 @@
 Both take the model's text and return scores; generating the text is the caller's business
 (finetune/evaluate.py). Bug fixing: each canonical solution gets one bug of each kind that the
 mutators can make, and only bugs that make at least one test fail are kept; a fix counts when
-the model's function passes every test.
+the model's function passes every test. HumanEval infilling (tasks/infill.py) is scored by
+`score_programs` too.
 """
 
 from __future__ import annotations
@@ -21,16 +22,24 @@ from tasks.sandbox import Limits, run_many
 def score_humaneval(problems: list[Problem], samples: dict[str, list[str]], ks=(1, 10, 100),
                     limits: Limits = Limits(), workers: int | None = None) -> dict:
     """pass@k for every k that the number of samples allows, and per-problem pass counts."""
-    jobs = [(p, truncate(s)) for p in problems for s in samples[p.task_id]]
-    outcomes = run_many([check_program(p, s) for p, s in jobs], limits, workers)
-    passed: dict[str, int] = defaultdict(int)
-    for (problem, _), outcome in zip(jobs, outcomes):
-        passed[problem.task_id] += outcome.passed
-    n = min(len(samples[p.task_id]) for p in problems)
-    scores = {f"pass@{k}": sum(pass_at_k(len(samples[p.task_id]), passed[p.task_id], k) for p in problems)
-              / len(problems) for k in ks if k <= n}
-    return {"benchmark": "humaneval", "problems": len(problems), "samples_per_problem": n, **scores,
-            "per_problem": {p.task_id: {"passed": passed[p.task_id], "n": len(samples[p.task_id])} for p in problems}}
+    programs = {p.task_id: [check_program(p, truncate(s)) for s in samples[p.task_id]] for p in problems}
+    return {"benchmark": "humaneval", **score_programs(programs, ks, limits, workers)}
+
+
+def score_programs(programs: dict[str, list[str]], ks=(1, 10, 100), limits: Limits = Limits(),
+                   workers: int | None = None) -> dict:
+    """Run every sample's check program (one list per problem): pass@k for every k that the
+    number of samples allows, and per-problem pass counts."""
+    jobs = [(task_id, program) for task_id, group in programs.items() for program in group]
+    outcomes = run_many([program for _, program in jobs], limits, workers)
+    passed = dict.fromkeys(programs, 0)
+    for (task_id, _), outcome in zip(jobs, outcomes):
+        passed[task_id] += outcome.passed
+    n = min(map(len, programs.values()))
+    scores = {f"pass@{k}": sum(pass_at_k(len(group), passed[t], k) for t, group in programs.items()) / len(programs)
+              for k in ks if k <= n}
+    return {"problems": len(programs), "samples_per_problem": n, **scores,
+            "per_problem": {t: {"passed": passed[t], "n": len(group)} for t, group in programs.items()}}
 
 
 @dataclass(frozen=True)
