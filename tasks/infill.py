@@ -11,6 +11,8 @@ The holes are those of InCoder (Fried et al. 2022), released with the FIM paper 
 
 prefix = the prompt and the solution's lines before the hole, middle = the masked lines with their
 newlines, suffix = everything after; prefix + middle + suffix is the prompt and solution exactly.
+The masked lines score 1.0; an empty infill passes 27 single-line holes (2.6%) and 55 multi-line
+ones (0.9%), where the lines removed do not matter to the tests (a comment, a redundant case).
 A run of the whole multi-line set costs 5,815 generations per sample, so `limit` draws a seeded
 subsample spread over all 164 problems (the first N holes would all come from the first few).
 """
