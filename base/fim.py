@@ -42,6 +42,15 @@ class FimTokens:
         return cls(ids[EOT], ids[FIM_PREFIX], ids[FIM_MIDDLE], ids[FIM_SUFFIX])
 
 
+@dataclass(frozen=True)
+class Fim:
+    """What the loader applies: the recipe's rates and the tokenizer's sentinels."""
+
+    rate: float
+    spm_rate: float
+    tokens: FimTokens
+
+
 def rearrange(document: np.ndarray, rng: np.random.Generator, spm_rate: float, tokens: FimTokens) -> np.ndarray:
     """One document in PSM or SPM order, cut at two points drawn uniformly in [0, len]."""
     first, second = np.sort(rng.integers(0, len(document) + 1, size=2))

@@ -5,7 +5,9 @@ and targets shifted by one). Each epoch visits every window once, in an order dr
 seed and the epoch. A global cursor counts windows handed out to all processes: on every call
 rank r takes the r-th slice of the next `world_size * micro_batch_size` windows. So one
 optimizer step sees the same windows whatever the number of processes, and the cursor saved in
-a checkpoint resumes on any number of processes.
+a checkpoint resumes on any number of processes. With `fim`, each window's documents are turned
+into fill-in-the-middle examples as it is loaded (base/fim.py), drawn from the seed and the
+window's global position: the same on any number of processes and after a resume.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import numpy as np
 import torch
 
 from base.errors import UserError
+from base.fim import Fim, fim_window, window_rng
 from base.shards import read_index
 
 
 class BatchLoader:
     def __init__(self, shard_dir: str, split: str, block_size: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, fim: Fim | None = None):
         index = read_index(Path(shard_dir))
         if index is None:
             raise UserError(f"{shard_dir}: no token shards (build them with `python -m base.data <recipe>`)")
         self.block_size, self.batch, self.rank, self.world = block_size, micro_batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.fim = seed, shuffle, fim
         self.shards, self.first_window = [], [0]
         for shard in index["splits"][split]["shards"]:
             tokens = np.memmap(Path(shard_dir) / shard["file"], dtype="<u4", mode="r")
@@ -61,10 +64,16 @@ class BatchLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.cursor + self.rank * self.batch
-        rows = np.stack([self._window(p) for p in range(first, first + self.batch)]).astype(np.int64)
+        rows = np.stack([self._row(p) for p in range(first, first + self.batch)]).astype(np.int64)
         self.cursor += self.world * self.batch
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
+
+    def _row(self, position: int) -> np.ndarray:
+        window = self._window(position)
+        if self.fim is None or self.fim.rate == 0:
+            return window
+        return fim_window(window, window_rng(self.seed, position), self.fim.rate, self.fim.spm_rate, self.fim.tokens)
 
     def rewind(self) -> None:
         self.cursor = 0

@@ -44,6 +44,9 @@ class GPTConfig:
     # How many ids the softmax covers when it is trained over the ids its data holds (the
     # `active_ids` buffer, set by `data.vocab_subset`); None: all vocab_size ids.
     active_vocab: int | None = None
+    # Trained on fill-in-the-middle examples (data.fim_rate > 0, or an SFT task in FIM form):
+    # what the <|fim_*|> tokens mean is known to it. Set by training, read by infilling.
+    fim: bool = False
 
     def validate(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

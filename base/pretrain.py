@@ -23,6 +23,7 @@ from base.config import load_recipe, split_cli_args
 from base.data import ensure_shards
 from base.errors import UserError, cli_entry
 from base.fileio import atomic_write_text
+from base.fim import Fim, FimTokens
 from base.loader import BatchLoader
 from base.model import GPT, GPTConfig
 from base.quality import describe, parse_rate
@@ -33,8 +34,8 @@ from base.train import Trainer, make_accelerator
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain-70m.yaml"
 USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]"
-# What a checkpoint's weights are made for; dropout alone may change when a run resumes.
-MODEL_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
+# What a checkpoint's weights are made for; dropout and FIM training may change when a run resumes.
+MODEL_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "fim"))
 
 
 def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
@@ -80,14 +81,17 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     active_ids = data_vocabulary(shard_dir, tokenizer, recipe.model.vocab_size) if recipe.data.vocab_subset else None
     if active_ids is not None:
         recipe.model = dataclasses.replace(recipe.model, active_vocab=len(active_ids))
+    if recipe.data.fim_rate:
+        recipe.model = dataclasses.replace(recipe.model, fim=True)
     torch.manual_seed(recipe.train.seed)
     model = GPT(recipe.model)
     if active_ids is not None:
         model.active_ids.copy_(active_ids)
         accelerator.print(f"softmax over the {len(active_ids):,} ids the shards hold, of {recipe.model.vocab_size:,}")
     rank, world = accelerator.process_index, accelerator.num_processes
+    fim = Fim(recipe.data.fim_rate, recipe.data.fim_spm_rate, FimTokens.of(tokenizer)) if recipe.data.fim_rate else None
     train_batches = BatchLoader(str(shard_dir), "train", recipe.model.block_size, recipe.train.micro_batch_size,
-                                rank, world, seed=recipe.train.seed)
+                                rank, world, seed=recipe.train.seed, fim=fim)
     trainer = Trainer(model=model, train_batches=train_batches,
                       val_batches=validation_batches(shard_dir, recipe, rank, world),
                       train=recipe.train, log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator,

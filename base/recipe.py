@@ -37,8 +37,15 @@ class DataConfig:
     # model's FLOPs. The model records them (model.active_vocab, its active_ids) and never
     # predicts another id.
     vocab_subset: bool = False
+    # Fill-in-the-middle (base/fim.py): the share of training documents rearranged as PSM or SPM
+    # when loaded, and the share of those in SPM order. Validation stays left to right.
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
 
     def validate(self) -> None:
+        for name in ("fim_rate", "fim_spm_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InvalidValue(name, f"must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InvalidValue("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         for name in ("max_docs", "max_tokens", "num_workers", "shard_docs", "shard_tokens", "max_file_bytes"):

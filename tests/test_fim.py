@@ -2,11 +2,14 @@
 orders, windows that keep their length, draws fixed by the seed and the position."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from base.fim import FimTokens, fim_window, rearrange, window_rng
+from base.recipe import DataConfig
+from base.shards import build_hash
 from base.tokenizer import Tokenizer
 
 TOKENS = FimTokens.of(Tokenizer())
@@ -80,3 +83,8 @@ def test_the_draws_are_fixed_by_the_seed_and_the_position():
     others = {tuple(fim_window(window, window_rng(seed, position), 0.9, 0.5, TOKENS).tolist())
               for seed, position in ((3, 18), (4, 17), (5, 0))}
     assert tuple(same.tolist()) not in others
+
+
+def test_the_rates_are_not_part_of_what_the_shards_depend_on():
+    plain = DataConfig(source="local")
+    assert build_hash(plain, "cl100k_base") == build_hash(replace(plain, fim_rate=0.5, fim_spm_rate=0.1), "cl100k_base")

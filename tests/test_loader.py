@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from base.errors import UserError
+from base.fim import Fim, FimTokens
 from base.loader import BatchLoader
+from base.tokenizer import Tokenizer
 
 SIZES = [1000, 337, 2000, 16]  # the last shard is too short for a window of 17 tokens
 
@@ -128,3 +130,30 @@ def test_missing_or_too_small_shards_are_user_errors(tmp_path, shard_dir):
         BatchLoader(shard_dir, "val", 16, 2)
     with pytest.raises(UserError, match="no window of 2001 tokens"):
         BatchLoader(shard_dir, "train", 2000, 2)
+
+
+def test_fim_windows_are_the_same_on_two_ranks_and_after_a_resume(tmp_path):
+    tokens = FimTokens.of(Tokenizer())
+    stream = np.arange(3000, dtype="<u4")
+    stream[::23] = tokens.eot  # documents of 22 tokens
+    shard_dir = tmp_path / "fim"
+    shard_dir.mkdir()
+    stream.tofile(shard_dir / "s0.train.bin")
+    (shard_dir / "index.json").write_text(json.dumps(
+        {"splits": {"train": {"shards": [{"file": "s0.train.bin", "tokens": len(stream)}]}, "val": {"shards": []}}}))
+    fim = Fim(rate=0.5, spm_rate=0.5, tokens=tokens)
+
+    def rows(loader, calls):
+        return [row.tolist() for _ in range(calls) for row in loader.next_batch()[0]]
+
+    single = BatchLoader(str(shard_dir), "train", 32, 4, seed=3, fim=fim)
+    reference = rows(single, 6)
+    assert any(tokens.prefix in row for row in reference) and any(tokens.prefix not in row for row in reference)
+    ranks = [BatchLoader(str(shard_dir), "train", 32, 2, rank=r, world_size=2, seed=3, fim=fim) for r in (0, 1)]
+    assert [row for _ in range(6) for loader in ranks for row in rows(loader, 1)] == reference
+    resumed = BatchLoader(str(shard_dir), "train", 32, 4, seed=3, fim=fim)
+    plain = BatchLoader(str(shard_dir), "train", 32, 4, seed=3)
+    for loader in (resumed, plain):
+        loader.load_state_dict(BatchLoader(str(shard_dir), "train", 32, 4, seed=3).state_dict() | {"cursor": 12})
+    assert rows(resumed, 3) == reference[12:]
+    assert rows(plain, 3) != reference[12:]  # the same windows, left to right

@@ -57,7 +57,8 @@ def train_losses(run: Path) -> list[float]:
 
 
 def test_sigkilled_run_resumes_bit_exactly(tmp_path, data):
-    common = [*data, *TINY, "model.dropout=0.1", "train.max_steps=12", "train.checkpoint_interval=3"]
+    # With fill-in-the-middle on: its load-time draws must resume exactly too.
+    common = [*data, *TINY, "model.dropout=0.1", "train.max_steps=12", "train.checkpoint_interval=3", "data.fim_rate=0.5"]
     whole = tmp_path / "whole"
     assert pretrain(*common, f"out_dir={whole}").returncode == 0
 
