@@ -22,7 +22,7 @@ import torch
 from base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from base.decode_head import next_token_head
 from base.model import GPT, KVCache
-from base.tokenizer import Tokenizer
+from base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
 
 # Below this, logits / temperature overflow float32 into inf and NaN; such a temperature means
 # greedy, which is temperature 0.
@@ -118,11 +118,14 @@ class _RowText:
 
 
 def banned_ids(model: GPT, tokenizer: Tokenizer, device) -> torch.Tensor:
-    """Ids never to sample: those the tokenizer cannot decode (the padding rows and gaps) and
-    those outside the model's softmax (a model trained over the ids its data holds)."""
+    """Ids never to sample: those the tokenizer cannot decode (the padding rows and gaps), the
+    fill-in-the-middle sentinels (prompt structure, never code), and those outside the model's
+    softmax (a model trained over the ids its data holds)."""
     banned = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
     valid = torch.tensor(tokenizer.valid_ids, device=device)
     banned[valid[valid < model.config.vocab_size]] = False
+    sentinels = [tokenizer.special_ids[token] for token in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)]
+    banned[[i for i in sentinels if i < model.config.vocab_size]] = True
     inactive = model.inactive()
     return banned if inactive is None else banned | inactive.to(device)
 
@@ -219,17 +222,44 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
             logits = step(next_ids[:, None])
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling) -> Iterator[tuple[int, str]]:
+def infill_ids(tokenizer: Tokenizer, prefix: str, suffix: str, budget: int) -> list[int]:
+    """The PSM prompt of a hole between `prefix` and `suffix`: <|fim_prefix|> prefix
+    <|fim_suffix|> suffix <|fim_middle|>, the model then writes the middle. At most `budget`
+    tokens: the code nearest the hole is kept, the prefix's end and the suffix's start (the
+    suffix given at most half)."""
+    ids = tokenizer.special_ids
+    before, after = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    room = max(0, budget - 3)
+    after = after[: max(room // 2, room - len(before))]
+    before = before[len(before) - (room - len(after)):] if len(before) > room - len(after) else before
+    return [ids[FIM_PREFIX], *before, ids[FIM_SUFFIX], *after, ids[FIM_MIDDLE]]
+
+
+def not_trained_for_infilling(model: GPT) -> str | None:
+    """The warning that goes with a suffix given to a model not trained with fill-in-the-middle."""
+    if model.config.fim:
+        return None
+    return ("this model was not trained for fill-in-the-middle (its config says fim: false): "
+            "expect the middle to continue the suffix or to ignore it")
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling,
+           suffixes: list[str | None] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (row, text) pieces of each prompt's completion as they are decoded. A row ends at
-    <|endoftext|>, a stop string (not included) or max_new_tokens."""
+    <|endoftext|>, a stop string (not included) or max_new_tokens. A row with a suffix is a hole
+    to fill: its prompt is the code before it, and the text yielded the middle."""
     sampling.check()
+    suffixes = suffixes or [None] * len(prompts)
+    # Leave the cache room for the middle: a full cache would drop the start of the PSM prompt.
+    budget = model.config.block_size - min(sampling.max_new_tokens, model.config.block_size // 2)
+    encoded = [tokenizer.encode(p) if s is None else infill_ids(tokenizer, p, s, budget)
+               for p, s in zip(prompts, suffixes)]
     was_training = model.training
     model.eval()
     try:
         device = model.transformer.wte.weight.device
         rows = [_RowText(tokenizer, sampling.stop) for _ in prompts]
-        steps = token_steps(model, [tokenizer.encode(p) for p in prompts], sampling,
-                             banned_ids(model, tokenizer, device), tokenizer.eot_id)
+        steps = token_steps(model, encoded, sampling, banned_ids(model, tokenizer, device), tokenizer.eot_id)
         for _, next_ids in zip(range(sampling.max_new_tokens), steps):
             for row, token_id in enumerate(next_ids):
                 if rows[row].done:
@@ -247,10 +277,11 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampl
         model.train(was_training)
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling) -> list[str]:
-    """The completion of each prompt (without the prompt)."""
+def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling,
+             suffixes: list[str | None] | None = None) -> list[str]:
+    """The completion of each prompt (without the prompt); with suffixes, the middle of each hole."""
     completions = [""] * len(prompts)
-    for row, piece in stream(model, tokenizer, prompts, sampling):
+    for row, piece in stream(model, tokenizer, prompts, sampling, suffixes):
         completions[row] += piece
     return completions
 
@@ -276,33 +307,54 @@ def sampling_from_args(args: argparse.Namespace) -> Sampling:
     return sampling
 
 
-def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling, out=sys.stdout) -> list[str]:
-    """Stream each prompt and its completion to `out`, one prompt after the other."""
+def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling, suffix: str | None = None,
+                 out=None) -> list[str]:
+    """Stream each prompt and its completion to `out` (stdout), one prompt after the other; with
+    `suffix`, each middle and then the suffix."""
+    out = out or sys.stdout
     completions = []
     for i, prompt in enumerate(prompts):
         out.write(prompt)
         text = ""
         # Each sample of a seeded run gets its own seed, so repeated prompts give different samples.
         seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
-        for _, piece in stream(model, tokenizer, [prompt], seeded):
+        for _, piece in stream(model, tokenizer, [prompt], seeded, [suffix]):
             out.write(piece)
             out.flush()
             text += piece
-        out.write("\n" + "-" * 40 + "\n")
+        out.write((suffix or "") + "\n" + "-" * 40 + "\n")
         completions.append(text)
     return completions
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+# Marks the hole of a --file to fill in the middle (as in the SantaCoder and StarCoder demos).
+HOLE = "<FILL-HERE>"
+
+
+def read_prompts(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """([prompt], suffix or None) from --prompt/--suffix or --file (with --hole marking a hole)."""
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as f:
-                return [f.read()]
+                text = f.read()
         except OSError as err:
             raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
         except UnicodeDecodeError as err:
             raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
-    return [args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt]
+        hole = getattr(args, "hole", None)
+        if hole is None or hole not in text:
+            if getattr(args, "suffix", None) is not None:
+                raise UserError(f"{args.file}: no hole marker {hole} in the file (--suffix needs the file to mark "
+                                "where the code before the hole ends)")
+            return [text], None
+        if text.count(hole) > 1:
+            line = text[: text.index(hole, text.index(hole) + 1)].count("\n") + 1
+            raise UserError(f"{args.file}:{line}: a second hole marker {hole} (fill one hole at a time)")
+        prefix, suffix = text.split(hole)
+        return [prefix], suffix
+    unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
+    suffix = getattr(args, "suffix", None)
+    return [unescape(args.prompt)], None if suffix is None else unescape(suffix)
 
 
 @cli_entry
@@ -321,9 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_args(parser)
     args = parser.parse_args(argv)
     sampling = sampling_from_args(args)
-    prompts = read_prompts(args) * args.num_samples  # before the model loads: a bad file is reported at once
+    prompts, suffix = read_prompts(args)  # before the model loads: a bad file is reported at once
     model = load_any(args.model, device=PartialState().device)
-    print_stream(model, Tokenizer(), prompts, sampling)
+    print_stream(model, Tokenizer(), prompts * args.num_samples, sampling, suffix)
 
 
 if __name__ == "__main__":
