@@ -2,19 +2,25 @@
 
     python -m finetune.evaluate checkpoints/docstring-tiny/final --benchmark humaneval -n 10 --limit 20
     python -m finetune.evaluate checkpoints/bugfix-tiny/final --benchmark bugfix --limit 20
+    python -m finetune.evaluate checkpoints/pretrain-cpu-fim/final --benchmark humaneval-infill-single --limit 200
 
 humaneval: n samples per problem (temperature 0.8, top-p 0.95 unless told otherwise; n = 1 and
 temperature 0 for greedy), cut at the usual stop sequences, run against the tests; unbiased
 pass@k for k = 1, 10, 100 where n allows. bugfix: HumanEval's canonical solutions with one
 injected bug each (kept only if a test catches it); the model rewrites the function; the fix
 rate overall and per mutation kind. examples: a task's own val.jsonl, each answer scored by its
-task (parses; equals the reference). Results go to a JSON file and a printed table.
+task (parses; equals the reference). humaneval-infill-single / -multi: holes cut from HumanEval's
+canonical solutions (tasks/infill.py), filled from the code before and after each (fill in the
+middle, ending at <|endoftext|>), the completed program run against the tests; pass@k as for
+humaneval, --limit N a seeded sample of N holes spread over the problems. Results go to a JSON
+file and a printed table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,11 +28,13 @@ from accelerate import PartialState
 
 from base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from base.fileio import atomic_write_text
-from base.generate import Sampling, add_sampling_args, generate, sampling_from_args
+from base.generate import Sampling, add_sampling_args, generate, not_trained_for_infilling, sampling_from_args
 from base.tokenizer import Tokenizer
 from finetune.adapter import load_for_inference
 from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
 from tasks.humaneval import STOP, load_problems
+from tasks.infill import BENCHMARKS as INFILL
+from tasks.infill import infill_problems, score_infill
 from tasks.jsonl import read_jsonl
 from tasks.registry import TASKS, task_of, unknown_task
 from tasks.sandbox import isolation
@@ -42,6 +50,22 @@ def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size
             outputs += generate(model, tokenizer, [problem.prompt] * rows, seeded)
         samples[problem.task_id] = outputs
     result = score_humaneval(problems, samples)
+    result["samples"] = samples
+    return result
+
+
+def infill(model, tokenizer, benchmark: str, limit: int | None, sampling: Sampling, n: int, batch_size: int) -> dict:
+    """Every hole (or a sample of `limit`): n middles each, given the code before and after it."""
+    items = infill_problems(benchmark, limit=limit)
+    samples = {}
+    for item in items:
+        outputs = []
+        for start in range(0, n, batch_size):
+            rows = min(batch_size, n - start)
+            seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
+            outputs += generate(model, tokenizer, [item.prefix] * rows, seeded, [item.suffix] * rows)
+        samples[item.task_id] = outputs
+    result = score_infill(items, samples)
     result["samples"] = samples
     return result
 
@@ -86,8 +110,8 @@ def print_table(result: dict) -> None:
     if result["benchmark"].endswith("examples"):
         print(f"{result['benchmark']} ({result['data']}): {result['examples']} examples, "
               f"parses {result['parses']:.4f}, exact {result['exact']:.4f}")
-    elif result["benchmark"] == "humaneval":
-        print(f"HumanEval: {result['problems']} problems x {result['samples_per_problem']} samples")
+    elif result["benchmark"] == "humaneval" or result["benchmark"] in INFILL:
+        print(f"{result['benchmark']}: {result['problems']} problems x {result['samples_per_problem']} samples")
         for key in ("pass@1", "pass@10", "pass@100"):
             if key in result:
                 print(f"  {key:<8} {result[key]:.4f}")
@@ -103,11 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory or file, or an adapter directory")
     parser.add_argument("--adapter", help="LoRA adapter directory to put on the model")
-    parser.add_argument("--benchmark", choices=("humaneval", "bugfix", "examples"), default="humaneval",
+    parser.add_argument("--benchmark", choices=("humaneval", *INFILL, "bugfix", "examples"), default="humaneval",
                         help="examples: a task's own jsonl (--examples), scored by the task")
     parser.add_argument("--examples", help="with --benchmark examples: e.g. data/tasks/bugfix-tiny/val.jsonl")
-    parser.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per HumanEval problem")
-    parser.add_argument("--limit", type=positive_int, help="only the first N problems")
+    parser.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per HumanEval problem or hole")
+    parser.add_argument("--limit", type=positive_int, help="only the first N problems (infilling: a sample of N holes)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--out", help="results JSON (default: <model>/eval-<benchmark>.json)")
     add_sampling_args(parser)
@@ -122,13 +146,18 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--benchmark examples needs --examples FILE.jsonl")
     # Read before the model loads, so a bad file is reported at once.
     records = read_examples(args.examples, args.limit) if args.benchmark == "examples" else None
-    if not args.stop and args.benchmark != "examples":
+    # A middle ends at <|endoftext|>: HumanEval's stops ("\n#", ...) would cut masked comment lines.
+    if not args.stop and args.benchmark in ("humaneval", "bugfix"):
         sampling.stop = list(STOP) if args.benchmark == "humaneval" else list(TASKS["bugfix"].stop)
     model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
     problems = load_problems()[: args.limit]
     print(f"{description}; sandbox: {isolation()}")
+    if args.benchmark in INFILL and (warning := not_trained_for_infilling(model)):
+        print(f"warning: {warning}", file=sys.stderr)
     tokenizer = Tokenizer()
-    if args.benchmark == "examples":
+    if args.benchmark in INFILL:
+        result = infill(model, tokenizer, args.benchmark, args.limit, sampling, args.samples, args.batch_size)
+    elif args.benchmark == "examples":
         result = task_examples(model, tokenizer, args.examples, records, sampling, args.batch_size)
     elif args.benchmark == "humaneval":
         result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)

@@ -84,3 +84,15 @@ def test_examples_mode_scores_a_tasks_own_jsonl(tiny_checkpoint, tmp_path):
     assert report["examples"] == 1 and report["benchmark"] == "bugfix examples" and 0 <= report["parses"] <= 1
     missing = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "examples")
     assert missing.returncode == 2 and "--examples" in missing.stderr
+
+
+def test_infill_command_fills_holes_and_warns_a_model_not_trained_for_it(tiny_checkpoint, tmp_path):
+    out = tmp_path / "infill.json"
+    result = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "humaneval-infill-single", "--limit", "3",
+                 "--max-new-tokens", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "humaneval-infill-single" and report["problems"] == 3
+    assert all(task_id.startswith("SingleLineInfilling/HumanEval/") for task_id in report["samples"])
+    assert "pass@1" in result.stdout
+    assert result.stderr.count("warning: this model was not trained for fill-in-the-middle") == 1
