@@ -4,8 +4,10 @@
     GET  /health    liveness
     GET  /info      model, parameters, adapter, tokenizer, device, limits
     GET  /presets   prompt formats of the tasks (free completion, docstring, bug fix)
-    POST /generate  {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "stream"}
-                    streams server-sent events when "stream" is true, else returns the text
+    POST /generate  {"prompt", "suffix", "max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed",
+                    "stream"}: streams server-sent events when "stream" is true, else returns the text.
+                    With "suffix", the prompt is the code before a hole and the text its middle (fill in
+                    the middle); a model not trained for it answers with a "warning".
 
 Requests queue for the one model (a lock: one generation at a time, the rest wait); a client
 that disconnects, streaming or not, stops its generation (one that gave up while queued never
@@ -26,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from base.generate import BadOption, Sampling, stream
+from base.generate import BadOption, Sampling, not_trained_for_infilling, stream
 from base.model import GPT
 from base.tokenizer import Tokenizer
 from tasks.humaneval import STOP as HUMANEVAL_STOP
@@ -46,6 +48,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
+    suffix: str | None = None  # fill in the middle: the code after the hole
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.8, ge=0.0, le=10.0)
     top_k: int | None = Field(None, ge=1)
@@ -113,6 +116,10 @@ def presets() -> dict:
                                 'backwards, ignoring case and spaces."""\n',
                       "stop": list(HUMANEVAL_STOP)},
         "bugfix": {"label": "Bug fix", "prompt": bugfix_prompt(buggy), "stop": list(TASKS["bugfix"].stop)},
+        "infill": {"label": "Fill in the middle",
+                   "prompt": 'def mean(values):\n    """The arithmetic mean of a non-empty list."""\n<FILL-HERE>\n\n'
+                             'print(mean([1, 2, 3]))\n',
+                   "stop": []},
     }
 
 
@@ -120,7 +127,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
     app = FastAPI(title="CodeGPT", docs_url=None, redoc_url=None)
     lock = asyncio.Lock()
     block = model.config.block_size
-    info = {**info, "tokenizer": tokenizer.name, "block_size": block, "limits": asdict(limits)}
+    info = {**info, "tokenizer": tokenizer.name, "block_size": block, "fim": model.config.fim, "limits": asdict(limits)}
+    infill_warning = not_trained_for_infilling(model)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -155,9 +163,11 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
     def sampling_of(body: GenerateRequest) -> tuple[Sampling, int]:
         if body.max_new_tokens > limits.max_new_tokens:
             raise _BadField("max_new_tokens", f"at most {limits.max_new_tokens}, got {body.max_new_tokens}")
-        prompt_tokens = len(tokenizer.encode(body.prompt))
+        prompt_tokens = len(tokenizer.encode(body.prompt)) + len(tokenizer.encode(body.suffix or ""))
         if prompt_tokens > limits.max_prompt_tokens:
-            raise _BadField("prompt", f"{prompt_tokens} tokens, at most {limits.max_prompt_tokens}")
+            field = "prompt" if body.suffix is None else "suffix"
+            raise _BadField(field, f"{prompt_tokens} tokens{' with the prompt' if body.suffix else ''}, at most "
+                                   f"{limits.max_prompt_tokens}")
         sampling = Sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p, list(body.stop), body.seed)
         try:
             sampling.check()  # what the schema's bounds cannot say: a seed torch takes, a usable temperature
@@ -165,11 +175,11 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
             raise _BadField(bad.field, bad.message) from None
         return sampling, prompt_tokens
 
-    async def pieces(request: Request, prompt: str, sampling: Sampling):
+    async def pieces(request: Request, prompt: str, suffix: str | None, sampling: Sampling):
         """The completion's pieces, decoded one step at a time while the client is still there:
         the model is held only for a client that waits for the answer."""
         async with lock:
-            steps = stream(model, tokenizer, [prompt], sampling)
+            steps = stream(model, tokenizer, [prompt], sampling, [suffix])
             step = None
             try:
                 while not await request.is_disconnected():
@@ -188,12 +198,15 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
     @app.post("/generate")
     async def post_generate(body: GenerateRequest, request: Request):
         sampling, prompt_tokens = sampling_of(body)
+        warning = infill_warning if body.suffix is not None else None
         if not body.stream:
-            return {"text": "".join([piece async for piece in pieces(request, body.prompt, sampling)]),
-                    "prompt_tokens": prompt_tokens}
+            text = "".join([piece async for piece in pieces(request, body.prompt, body.suffix, sampling)])
+            return {"text": text, "prompt_tokens": prompt_tokens, **({"warning": warning} if warning else {})}
 
         async def events():
-            async for piece in pieces(request, body.prompt, sampling):
+            if warning:
+                yield f"event: warning\ndata: {json.dumps({'warning': warning})}\n\n"
+            async for piece in pieces(request, body.prompt, body.suffix, sampling):
                 yield f"data: {json.dumps({'text': piece})}\n\n"
             if not await request.is_disconnected():
                 yield f"event: done\ndata: {json.dumps({'prompt_tokens': prompt_tokens})}\n\n"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from base.model import GPT, GPTConfig
+from base.generate import Sampling, generate
 from base.tokenizer import Tokenizer
 from serve.app import Limits, create_app
 
@@ -79,7 +80,8 @@ def test_health_info_and_presets(client):
     info = client.get("/info").json()
     assert info["tokenizer"] == "cl100k_base" and info["block_size"] == 256 and info["limits"]["max_new_tokens"] == 512
     presets = client.get("/presets").json()
-    assert set(presets) == {"free", "docstring", "bugfix"}
+    assert set(presets) == {"free", "docstring", "bugfix", "infill"}
+    assert presets["infill"]["prompt"].count("<FILL-HERE>") == 1
     assert presets["bugfix"]["prompt"].startswith("# The function below has one bug.")
     assert "<textarea" in client.get("/").text
 
@@ -183,6 +185,18 @@ def test_page_in_headless_chromium(model, tmp_path):
             stopped = page.text_content("#output .generated")
             page.wait_for_timeout(300)
             assert page.text_content("#output .generated") == stopped and len(stopped) > 0
+            # Fill in the middle: the preset marks the hole; the middle lands between prefix and suffix.
+            page.click("button[data-preset=infill]")
+            assert page.is_checked("#infill")
+            prefix, suffix = page.input_value("#prompt").split("<FILL-HERE>")
+            page.fill("#max_new_tokens", "5")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+            assert page.text_content("#output .prompt") == prefix and page.text_content("#output .suffix") == suffix
+            assert "not trained for fill-in-the-middle" in page.text_content("#status")
+            page.fill("#prompt", "a <FILL-HERE> b <FILL-HERE>")
+            page.click("#generate")
+            assert "more than once" in page.text_content("#status")
             page.screenshot(path=str(tmp_path / "serve.png"))
             assert (tmp_path / "serve.png").stat().st_size > 10_000
             browser.close()
@@ -235,3 +249,14 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(model):
             assert time.time() - started < 2.0  # no abandoned generation ahead of it
     finally:
         hook.remove()
+
+
+def test_a_suffix_fills_the_hole_and_says_when_the_model_was_not_trained_for_it(client, model):
+    body = {"prompt": "def add(a, b):\n", "suffix": "\n\nprint(add(1, 2))\n", "max_new_tokens": 12, "temperature": 0}
+    plain = client.post("/generate", json=body).json()
+    expected = generate(model, Tokenizer(), [body["prompt"]], Sampling(12, 0.0), [body["suffix"]])[0]
+    assert plain["text"] == expected and "not trained for fill-in-the-middle" in plain["warning"]
+    streamed = client.post("/generate", json={**body, "stream": True}).text
+    assert streamed.startswith("event: warning") and sse_text(streamed) == expected
+    assert "warning" not in client.post("/generate", json={"prompt": "x", "max_new_tokens": 2}).json()
+    assert client.get("/info").json()["fim"] is False
