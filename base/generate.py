@@ -222,13 +222,15 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
             logits = step(next_ids[:, None])
 
 
-def infill_ids(tokenizer: Tokenizer, prefix: str, suffix: str, budget: int) -> list[int]:
+def infill_ids(tokenizer: Tokenizer, prefix: str, suffix: str, budget: int | None) -> list[int]:
     """The PSM prompt of a hole between `prefix` and `suffix`: <|fim_prefix|> prefix
     <|fim_suffix|> suffix <|fim_middle|>, the model then writes the middle. At most `budget`
-    tokens: the code nearest the hole is kept, the prefix's end and the suffix's start (the
-    suffix given at most half)."""
+    tokens (None: no bound): the code nearest the hole is kept, the prefix's end and the
+    suffix's start (the suffix given at most half)."""
     ids = tokenizer.special_ids
     before, after = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    if budget is None:
+        return [ids[FIM_PREFIX], *before, ids[FIM_SUFFIX], *after, ids[FIM_MIDDLE]]
     room = max(0, budget - 3)
     after = after[: max(room // 2, room - len(before))]
     before = before[len(before) - (room - len(after)):] if len(before) > room - len(after) else before

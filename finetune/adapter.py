@@ -35,8 +35,9 @@ def is_adapter(path: str | os.PathLike) -> bool:
 def write_adapter_files(directory: Path, model: torch.nn.Module, lora: LoRAConfig, base: str, base_hash: str,
                         meta: dict | None = None) -> None:
     save_file(adapter_state(unwrap(model)), Path(directory) / ADAPTER_FILE, metadata={"format": "pt"})
+    # fim: the adapter was trained on fill-in-the-middle examples, whatever its base was.
     document = {"format": FORMAT, "lora": dataclasses.asdict(lora), "base": str(Path(base).resolve()), "base_hash": base_hash,
-                "provenance": meta if meta is not None else provenance()}
+                "fim": unwrap(model).config.fim, "provenance": meta if meta is not None else provenance()}
     atomic_write_text(Path(directory) / ADAPTER_CONFIG, json.dumps(document, indent=2) + "\n")
 
 
@@ -68,6 +69,7 @@ def attach_adapter(model: GPT, path: str | os.PathLike, base_hash: str | None = 
                         f"{expected[:12]}); the model given has hash {actual[:12]}")
     apply_lora(model, build_in_file(LoRAConfig, document["lora"], Path(path) / ADAPTER_CONFIG, "lora."))
     read_adapter_weights(path, model)
+    model.config.fim = model.config.fim or document.get("fim") is True
     return model.eval()
 
 

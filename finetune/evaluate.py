@@ -92,14 +92,19 @@ def read_examples(path: str, limit: int | None) -> list[dict]:
     return records[:limit]
 
 
-def task_examples(model, tokenizer, path: str, records: list[dict], sampling: Sampling, batch_size: int) -> dict:
-    """A task's own examples (a val.jsonl): generate for each prompt, score with the task."""
+def task_examples(model, tokenizer, path: str, records: list[dict], sampling: Sampling, batch_size: int,
+                  infill: bool = False) -> dict:
+    """A task's own examples (a val.jsonl): generate for each prompt, score with the task. With
+    `infill`, each prompt is a hole before the record's suffix (a docstring model trained with
+    task.format infill), and the middle ends at <|endoftext|>."""
     task = task_of(records[0])
-    if not sampling.stop:
+    if not sampling.stop and not infill:
         sampling.stop = list(task.stop)
     answers = []
     for start in range(0, len(records), batch_size):
-        answers += generate(model, tokenizer, [task.prompt(r) for r in records[start : start + batch_size]], sampling)
+        batch = records[start : start + batch_size]
+        answers += generate(model, tokenizer, [task.prompt(r) for r in batch], sampling,
+                            [r["suffix"] for r in batch] if infill else None)
     scores = [task.score(r, a) for r, a in zip(records, answers)]
     return {"benchmark": f"{task.name} examples", "examples": len(records), "data": str(path),
             **{key: sum(s[key] for s in scores) / max(1, len(scores)) for key in ("parses", "exact")},
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmark", choices=("humaneval", *INFILL, "bugfix", "examples"), default="humaneval",
                         help="examples: a task's own jsonl (--examples), scored by the task")
     parser.add_argument("--examples", help="with --benchmark examples: e.g. data/tasks/bugfix-tiny/val.jsonl")
+    parser.add_argument("--infill", action="store_true",
+                        help="with --benchmark examples: pose docstring examples as fill in the middle (before their suffix)")
     parser.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per HumanEval problem or hole")
     parser.add_argument("--limit", type=positive_int, help="only the first N problems (infilling: a sample of N holes)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--benchmark examples needs --examples FILE.jsonl")
     # Read before the model loads, so a bad file is reported at once.
     records = read_examples(args.examples, args.limit) if args.benchmark == "examples" else None
+    if args.infill and (records is None or any("suffix" not in r for r in records)):
+        raise UserError("--infill: needs --benchmark examples of the docstring task with a suffix (build them again)")
     # A middle ends at <|endoftext|>: HumanEval's stops ("\n#", ...) would cut masked comment lines.
     if not args.stop and args.benchmark in ("humaneval", "bugfix"):
         sampling.stop = list(STOP) if args.benchmark == "humaneval" else list(TASKS["bugfix"].stop)
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.benchmark in INFILL:
         result = infill(model, tokenizer, args.benchmark, args.limit, sampling, args.samples, args.batch_size)
     elif args.benchmark == "examples":
-        result = task_examples(model, tokenizer, args.examples, records, sampling, args.batch_size)
+        result = task_examples(model, tokenizer, args.examples, records, sampling, args.batch_size, args.infill)
     elif args.benchmark == "humaneval":
         result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)
     else:

@@ -17,15 +17,18 @@ from __future__ import annotations
 import torch
 
 from base.errors import UserError
+from base.generate import infill_ids
 from base.loss import IGNORE_INDEX
 from base.tokenizer import Tokenizer
 
 PAD_SEGMENT = -1
 
 
-def encode_example(tokenizer: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(inputs, labels) of one example, already shifted: labels[i] is the token after inputs[i]."""
-    prompt_ids = tokenizer.encode(prompt)
+def encode_example(tokenizer: Tokenizer, prompt: str, completion: str,
+                   suffix: str | None = None) -> tuple[list[int], list[int]]:
+    """(inputs, labels) of one example, already shifted: labels[i] is the token after inputs[i].
+    With `suffix`, the prompt is fill-in-the-middle's (PSM) and the completion the middle."""
+    prompt_ids = tokenizer.encode(prompt) if suffix is None else infill_ids(tokenizer, prompt, suffix, budget=None)
     completion_ids = tokenizer.encode(completion) + [tokenizer.eot_id]
     ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids

@@ -41,7 +41,11 @@ def task_examples(recipe: SFTRecipe, tokenizer: Tokenizer, split: str) -> list[t
     records = read_jsonl(path)
     if not records:
         raise UserError(f"{path}: no examples (task.max_examples, task.paths or task.val_fraction leave none)")
-    return [encode_example(tokenizer, r["prompt"], r["completion"]) for r in records]
+    if recipe.task.format == "infill" and any("suffix" not in r for r in records):
+        raise UserError(f"{path}: task.format infill needs each example's suffix (the code after the function); "
+                        "these examples predate it: build the task data again")
+    return [encode_example(tokenizer, r["prompt"], r["completion"], r["suffix"] if recipe.task.format == "infill" else None)
+            for r in records]
 
 
 def sft(recipe: SFTRecipe) -> dict:
@@ -49,6 +53,8 @@ def sft(recipe: SFTRecipe) -> dict:
         raise UserError(f"base: {recipe.base} not found (pretrain one with base/pretrain.py, or name a checkpoint)")
     accelerator = make_accelerator(recipe.train)
     model = load_any(recipe.base)
+    if recipe.task.format == "infill":  # what it learns: the model and its adapter say so
+        model.config = dataclasses.replace(model.config, fim=True)
     block_size = recipe.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise UserError(f"block_size: {block_size} exceeds the base's context of {model.config.block_size}")

@@ -1,7 +1,9 @@
 """Functions and methods with docstrings, cut out of real source files with `ast`.
 
 Each `Function` keeps its exact source text, dedented to column 0: `header` runs from the first
-decorator to the end of the docstring, `body` is the rest. Task builders share this.
+decorator to the end of the docstring, `body` is the rest, and `after` is the code that follows
+it in its file (up to AFTER_LINES lines; the suffix of the docstring task in fill-in-the-middle
+form). Task builders share this.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ast
 from dataclasses import dataclass
 from typing import Iterator
 
+AFTER_LINES = 12
 
 @dataclass(frozen=True)
 class Function:
@@ -20,6 +23,7 @@ class Function:
     body: str  # the statements after the docstring
     docstring: str
     statements: int  # statements after the docstring
+    after: str = ""  # the lines that follow the function in its file, dedented as it is
 
     @property
     def source(self) -> str:
@@ -73,7 +77,9 @@ def functions_with_docstrings(source: str, path: str, counts: dict[str, int]) ->
             continue
         indent = len(lines[start]) - len(lines[start].lstrip())
         header, body = (_dedent(lines[a:b], indent) for a, b in ((start, split), (split, node.end_lineno)))
-        function = Function(node.name, path, node.lineno, header, body.rstrip() + "\n", docstring, len(statements))
+        after = _dedent(lines[node.end_lineno : node.end_lineno + AFTER_LINES], indent)
+        function = Function(node.name, path, node.lineno, header, body.rstrip() + "\n", docstring, len(statements),
+                            after)
         try:
             ast.parse(function.source)
         except SyntaxError:

@@ -1,7 +1,8 @@
 """The Python tasks: how each builds examples from real functions, formats prompts, stops, and
 scores an answer to one of its own examples.
 
-- `docstring`: prompt = decorators + signature + docstring, completion = the body.
+- `docstring`: prompt = decorators + signature + docstring, completion = the body; `suffix` =
+  the code after the function, for the task in fill-in-the-middle form (`task.format: infill`).
 - `bugfix`: prompt = an instruction + the function with one injected bug, completion = the
   original function. The mutation kind is recorded.
 
@@ -59,7 +60,7 @@ class DocstringTask:
 
     def examples(self, functions: Iterable[Function], counts: dict) -> Iterator[dict]:
         for function in functions:
-            yield _record(self.name, function, prompt=function.header, completion=function.body)
+            yield _record(self.name, function, prompt=function.header, completion=function.body, suffix=function.after)
 
     def prompt(self, record: dict) -> str:
         return record["prompt"]
@@ -143,6 +144,9 @@ class TaskConfig:
     val_fraction: float = 0.05  # by source file, the same files as the pretraining shards' val split
     max_examples: int | None = None
     max_chars: int = 4000  # functions longer than this are dropped (about 1000 tokens)
+    # infill: the docstring task posed as fill in the middle (prefix = signature and docstring,
+    # suffix = the code after the function, middle = the body), for models that infill.
+    format: Literal["completion", "infill"] = "completion"
 
     def validate(self) -> None:
         if self.name not in TASKS:
@@ -153,6 +157,8 @@ class TaskConfig:
             raise InvalidValue("max_examples", f"must be positive, got {self.max_examples}")
         if self.max_chars <= 0:
             raise InvalidValue("max_chars", f"must be positive, got {self.max_chars}")
+        if self.format == "infill" and self.name != "docstring":
+            raise InvalidValue("format", f"infill is a form of the docstring task, not of {self.name}")
         if self.source == "files" and not self.paths:
             raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
         if self.source != "codeparrot":

@@ -215,3 +215,33 @@ def test_merge_never_writes_over_the_base_or_what_the_user_did_not_ask_to(setup,
     replaced = merge(adapter, tmp_path / "merged", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert sorted(os.listdir(tmp_path / "merged")) == ["config.json", "model.safetensors"]
+
+
+def test_an_infill_example_labels_only_the_middle_after_the_psm_prompt():
+    tokenizer = Tokenizer()
+    ids = tokenizer.special_ids
+    inputs, labels = encode_example(tokenizer, "def f():\n", "    return 1\n", suffix="\nprint(f())\n")
+    prompt = [ids["<|fim_prefix|>"], *tokenizer.encode("def f():\n"), ids["<|fim_suffix|>"],
+              *tokenizer.encode("\nprint(f())\n"), ids["<|fim_middle|>"]]
+    assert labels[len(prompt) - 1 :] == tokenizer.encode("    return 1\n") + [tokenizer.eot_id]
+    assert labels[: len(prompt) - 1] == [-100] * (len(prompt) - 1)
+    assert inputs == (prompt + tokenizer.encode("    return 1\n"))
+
+
+def test_the_docstring_task_in_infill_form_trains_an_adapter_that_says_it_infills(setup, tmp_path):
+    root, overrides = setup
+    out = root / "infill"
+    result = sft(*overrides, f"out_dir={out}", "task.format=infill", "train.max_steps=2")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (root / "data/val.jsonl").read_text().splitlines()]
+    assert all("suffix" in r for r in records) and any(r["suffix"].strip() for r in records)
+    assert json.loads((out / "final/adapter.json").read_text())["fim"] is True
+    model, _ = load_for_inference(out / "final")
+    assert model.config.fim and not load_model(root / "base").config.fim
+    report = tmp_path / "eval.json"
+    evaluated = subprocess.run([sys.executable, "-m", "finetune.evaluate", str(out / "final"), "--benchmark", "examples",
+                                "--examples", str(root / "data/val.jsonl"), "--infill", "--limit", "2",
+                                "--max-new-tokens", "8", "--out", str(report)], capture_output=True, text=True, cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "not trained for fill-in-the-middle" not in evaluated.stderr
+    assert json.loads(report.read_text())["examples"] == 2
