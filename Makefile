@@ -31,15 +31,17 @@ test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
-ACCELERATE_1 := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+CODEGPT := $(VENV)/bin/codegpt
+# One process on every core; the four values `accelerate launch` would otherwise warn about.
+ONE_PROCESS := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 demo: $(STAMP)
-	$(PY) -m base.data recipes/pretrain-cpu.yaml
-	$(ACCELERATE_1) base/pretrain.py recipes/pretrain-cpu.yaml
-	$(PY) -m tasks.build recipes/docstring-tiny.yaml
-	$(ACCELERATE_1) finetune/sft.py recipes/docstring-tiny.yaml train.resume=false
-	$(PY) -m finetune.merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged --overwrite
-	$(PY) -m finetune.sample checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
+	$(CODEGPT) data recipes/pretrain-cpu.yaml
+	$(CODEGPT) pretrain $(ONE_PROCESS) recipes/pretrain-cpu.yaml
+	$(CODEGPT) tasks recipes/docstring-tiny.yaml
+	$(CODEGPT) sft $(ONE_PROCESS) recipes/docstring-tiny.yaml train.resume=false
+	$(CODEGPT) merge checkpoints/docstring-tiny/final checkpoints/docstring-tiny-merged --overwrite
+	$(CODEGPT) generate checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
 		-n 1 --temperature 0 --max-new-tokens 80
 
 bench: $(STAMP)

@@ -15,8 +15,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from base.errors import UserError
-from base.fileio import atomic_write_text
+from codegpt.base.errors import UserError
+from codegpt.base.fileio import atomic_write_text
 
 BUDGET_FILE = "budget.json"
 # Timed steps, after the first (which pays for page faults and lazy initialisation).

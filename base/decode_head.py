@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from base.model import GPT, Head
+from codegpt.base.model import GPT, Head
 
 CANDIDATES = 128
 

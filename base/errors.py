@@ -14,6 +14,16 @@ class UserError(Exception):
     the file, line and key where they are known; commands print it alone and exit with 2."""
 
 
+class InvalidValue(Exception):
+    """Raised by a recipe dataclass's `validate()`: `key` is relative to that dataclass; the
+    recipe loader turns it into a UserError naming the file, line and dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
 def cli_entry(main):
     """Wrap a command's main(): a UserError becomes `error: <message>` on stderr and exit 2."""
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from base.errors import UserError
+from codegpt.base.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from base.model import GPTConfig
+from codegpt.base.model import GPTConfig
 
 SIZE_KEYS = ("n_layer", "n_embd", "vocab_size", "block_size")
 

@@ -5,24 +5,20 @@
 max new tokens, seed. Text is released only once it cannot be the start of a stop string, and
 a character split across tokens is held back until complete, so the pieces of a row joined are
 exactly its final completion.
-
-    python -m base.generate checkpoints/pretrain-tiny/final --prompt "def fib(n):" --max-new-tokens 64
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from base.errors import ArgumentParser, UserError, cli_entry, positive_int
-from base.decode_head import next_token_head
-from base.model import GPT, KVCache
-from base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
+from codegpt.base.decode_head import next_token_head
+from codegpt.base.errors import UserError
+from codegpt.base.model import GPT, KVCache
+from codegpt.base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
 
 # Below this, logits / temperature overflow float32 into inf and NaN; such a temperature means
 # greedy, which is temperature 0.
@@ -49,7 +45,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # 0 to MAX_SEED; None draws a fresh one
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """BadOption naming the first bad option."""
         if self.max_new_tokens <= 0:
             raise BadOption("max_new_tokens", f"must be positive, got {self.max_new_tokens}")
@@ -250,7 +246,7 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampl
     """Yield (row, text) pieces of each prompt's completion as they are decoded. A row ends at
     <|endoftext|>, a stop string (not included) or max_new_tokens. A row with a suffix is a hole
     to fill: its prompt is the code before it, and the text yielded the middle."""
-    sampling.check()
+    sampling.validate()
     suffixes = suffixes or [None] * len(prompts)
     # Leave the cache room for the middle: a full cache would drop the start of the PSM prompt.
     budget = model.config.block_size - min(sampling.max_new_tokens, model.config.block_size // 2)
@@ -286,99 +282,3 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sam
     for row, piece in stream(model, tokenizer, prompts, sampling, suffixes):
         completions[row] += piece
     return completions
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
-    group.add_argument("--temperature", type=float, default=Sampling.temperature,
-                       help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); \\n escapes work")
-    group.add_argument("--seed", type=int, default=None, help="0 to 2**63 - 1")
-
-
-def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    stop = [s.encode().decode("unicode_escape") for s in args.stop]
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop, args.seed)
-    try:
-        sampling.check()
-    except BadOption as bad:
-        raise UserError(f"--{bad.field.replace('_', '-')}: {bad.message}") from None
-    return sampling
-
-
-def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling, suffix: str | None = None,
-                 out=None) -> list[str]:
-    """Stream each prompt and its completion to `out` (stdout), one prompt after the other; with
-    `suffix`, each middle and then the suffix."""
-    out = out or sys.stdout
-    completions = []
-    for i, prompt in enumerate(prompts):
-        out.write(prompt)
-        text = ""
-        # Each sample of a seeded run gets its own seed, so repeated prompts give different samples.
-        seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
-        for _, piece in stream(model, tokenizer, [prompt], seeded, [suffix]):
-            out.write(piece)
-            out.flush()
-            text += piece
-        out.write((suffix or "") + "\n" + "-" * 40 + "\n")
-        completions.append(text)
-    return completions
-
-
-# Marks the hole of a --file to fill in the middle (as in the SantaCoder and StarCoder demos).
-HOLE = "<FILL-HERE>"
-
-
-def read_prompts(args: argparse.Namespace) -> tuple[list[str], str | None]:
-    """([prompt], suffix or None) from --prompt/--suffix or --file (with --hole marking a hole)."""
-    if args.file:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as err:
-            raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
-        except UnicodeDecodeError as err:
-            raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
-        hole = getattr(args, "hole", None)
-        if hole is None or hole not in text:
-            if getattr(args, "suffix", None) is not None:
-                raise UserError(f"{args.file}: no hole marker {hole} in the file (--suffix needs the file to mark "
-                                "where the code before the hole ends)")
-            return [text], None
-        if text.count(hole) > 1:
-            line = text[: text.index(hole, text.index(hole) + 1)].count("\n") + 1
-            raise UserError(f"{args.file}:{line}: a second hole marker {hole} (fill one hole at a time)")
-        prefix, suffix = text.split(hole)
-        return [prefix], suffix
-    unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
-    suffix = getattr(args, "suffix", None)
-    return [unescape(args.prompt)], None if suffix is None else unescape(suffix)
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> None:
-    from accelerate import PartialState
-
-    from base.checkpoint import load_any
-
-    parser = ArgumentParser(description="Sample from a CodeGPT model (ours, nanoGPT .pt or HF GPT-2).")
-    parser.add_argument("model", help="checkpoint directory or file")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default="def ", help="prompt text")
-    source.add_argument("--file", help="read the prompt from this file")
-    parser.add_argument("--escapes", action="store_true", help="interpret \\n and \\t in --prompt")
-    parser.add_argument("--num-samples", type=positive_int, default=1)
-    add_sampling_args(parser)
-    args = parser.parse_args(argv)
-    sampling = sampling_from_args(args)
-    prompts, suffix = read_prompts(args)  # before the model loads: a bad file is reported at once
-    model = load_any(args.model, device=PartialState().device)
-    print_stream(model, Tokenizer(), prompts * args.num_samples, sampling, suffix)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from base.fileio import atomic_write_text
+from codegpt.base.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from base.config import InvalidValue
-from base.loss import IGNORE_INDEX, linear_cross_entropy
+from codegpt.base.errors import InvalidValue
+from codegpt.base.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass

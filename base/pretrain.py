@@ -1,10 +1,11 @@
 """Pretrain CodeGPT from scratch with the seed's schedule.
 
-    accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]
+    codegpt pretrain [launcher options] [recipe.yaml] [section.key=value ...]
+    accelerate launch [launcher options] base/pretrain.py [recipe.yaml] [section.key=value ...]
 
 With no recipe it runs recipes/pretrain-70m.yaml, the seed's run on CodeParrot for one A100.
-Token shards are built on first use (see base/data.py); a run directory that holds checkpoints
-is resumed from the newest one unless `train.resume=false`.
+Token shards are built on first use (see base/data/build.py); a run directory that holds
+checkpoints is resumed from the newest one unless `train.resume=false`.
 """
 
 from __future__ import annotations
@@ -18,44 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from base.checkpoint import unwrap
-from base.config import load_recipe, split_cli_args
-from base.data import ensure_shards
-from base.errors import UserError, cli_entry
-from base.fileio import atomic_write_text
-from base.fim import Fim, FimTokens
-from base.loader import BatchLoader
-from base.model import GPT, GPTConfig
-from base.quality import describe, parse_rate
-from base.recipe import PretrainRecipe
-from base.shards import read_index
-from base.tokenizer import Tokenizer
-from base.train import Trainer, make_accelerator
+from codegpt.base.wrappers import unwrap
+from codegpt.base.recipe_loader import load_recipe, split_cli_args
+from codegpt.base.data.build import ensure_shards
+from codegpt.base.errors import UserError, cli_entry
+from codegpt.base.fileio import atomic_write_text
+from codegpt.base.data.fim import Fim, FimTokens
+from codegpt.base.data.loader import BatchLoader
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.quality import describe, parse_rate
+from codegpt.base.recipe import PretrainRecipe
+from codegpt.base.data.shards import read_index
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.base.train import Trainer, make_accelerator, validation_sample
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain-70m.yaml"
 USAGE = "usage: accelerate launch base/pretrain.py [recipe.yaml] [section.key=value ...]"
 # What a checkpoint's weights are made for; dropout and FIM training may change when a run resumes.
 MODEL_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "fim"))
-
-
-def validation_batches(shard_dir: Path, recipe: PretrainRecipe, rank: int, world_size: int):
-    """The same `eval_tokens` of the validation split at every evaluation, split across ranks:
-    windows drawn across the whole split (a fixed shuffle, rewound each time), not its first
-    files. Checked now, so that a split too small fails before training, not at the first eval."""
-    train, block = recipe.train, recipe.model.block_size
-    loader = BatchLoader(str(shard_dir), "val", block, train.micro_batch_size, rank, world_size, seed=train.seed)
-    available = loader.num_windows // (train.micro_batch_size * world_size)
-    if available == 0:
-        raise UserError(f"data.val_fraction: the validation split has {loader.num_windows} windows of "
-                        f"{block + 1} tokens, fewer than one batch of {train.micro_batch_size} per process")
-    count = min(available, max(1, train.eval_tokens // (train.micro_batch_size * block * world_size)))
-
-    def batches():
-        loader.rewind()
-        for _ in range(count):
-            yield loader.next_batch()
-
-    return batches
 
 
 def data_vocabulary(shard_dir: Path, tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
@@ -90,10 +71,14 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         accelerator.print(f"softmax over the {len(active_ids):,} ids the shards hold, of {recipe.model.vocab_size:,}")
     rank, world = accelerator.process_index, accelerator.num_processes
     fim = Fim(recipe.data.fim_rate, recipe.data.fim_spm_rate, FimTokens.of(tokenizer)) if recipe.data.fim_rate else None
+    # Validation windows drawn across the whole split (a fixed shuffle), not its first files.
+    val_windows = BatchLoader(str(shard_dir), "val", recipe.model.block_size, recipe.train.micro_batch_size, rank,
+                              world, seed=recipe.train.seed)
     train_batches = BatchLoader(str(shard_dir), "train", recipe.model.block_size, recipe.train.micro_batch_size,
                                 rank, world, seed=recipe.train.seed, fim=fim)
     trainer = Trainer(model=model, train_batches=train_batches,
-                      val_batches=validation_batches(shard_dir, recipe, rank, world),
+                      val_batches=validation_sample(val_windows, recipe.train, recipe.model.block_size, world,
+                                                    "data.val_fraction"),
                       train=recipe.train, log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator,
                       recipe=recipe, block_size=recipe.model.block_size, fixed_keys=MODEL_KEYS)
     last = trainer.run()

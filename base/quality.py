@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import torch
 
-from base.generate import Sampling, generate
-from base.loader import BatchLoader
-from base.model import GPT
-from base.tokenizer import Tokenizer
+from codegpt.base.generate import Sampling, generate
+from codegpt.base.data.loader import BatchLoader
+from codegpt.base.model import GPT
+from codegpt.base.tokenizer import Tokenizer
 
 PROMPTS = ("def ", "class ", "import os\n\n\ndef ", "from typing import List\n\n\ndef ",
            "    def __init__(self", "import sys\n\n", "@property\ndef ", "for ")

@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from base.config import InvalidValue
-from base.footprint import memory_problem
-from base.model import GPTConfig
+from codegpt.base.errors import InvalidValue
+from codegpt.base.footprint import memory_problem
+from codegpt.base.model import GPTConfig
 
 
 @dataclass
@@ -116,6 +116,18 @@ class TrainConfig:
             raise InvalidValue("grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
+def accumulation_steps(train: TrainConfig, block_size: int, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step on each process: batch_tokens over micro_batch_size x
+    block_size x processes, which must divide it (InvalidValue naming batch_tokens)."""
+    per_step = train.micro_batch_size * block_size * world_size
+    if train.batch_tokens % per_step:
+        processes = f" x processes = {train.micro_batch_size} x {block_size} x {world_size}" if world_size > 1 else \
+            f" = {train.micro_batch_size} x {block_size}"
+        raise InvalidValue("batch_tokens", f"{train.batch_tokens} is not a multiple of micro_batch_size x block_size"
+                                           f"{processes} = {per_step}")
+    return train.batch_tokens // per_step
+
+
 @dataclass
 class LogConfig:
     wandb: Literal["disabled", "offline", "online"] = "offline"
@@ -145,10 +157,7 @@ class PretrainRecipe:
                                                      "leave it out")
         if (problem := memory_problem(self.model)) is not None:
             raise InvalidValue(f"model.{problem[0]}", problem[1])
-        tokens_per_micro_batch = self.train.micro_batch_size * self.model.block_size
-        if self.train.batch_tokens % tokens_per_micro_batch:
-            raise InvalidValue(
-                "train.batch_tokens",
-                f"{self.train.batch_tokens} is not a multiple of micro_batch_size x block_size "
-                f"= {self.train.micro_batch_size} x {self.model.block_size} = {tokens_per_micro_batch}",
-            )
+        try:
+            accumulation_steps(self.train, self.model.block_size)
+        except InvalidValue as err:
+            raise InvalidValue(f"train.{err.key}", err.message) from None

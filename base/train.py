@@ -35,14 +35,16 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from base import budget
-from base.checkpoint import provenance, read_model_weights, unwrap, write_model_files
-from base.config import dump_recipe, read_yaml, to_dict
-from base.errors import UserError
-from base.fileio import atomic_directory, atomic_write_text, recover, remove_temporaries
-from base.loss import IGNORE_INDEX
-from base.metrics import MetricsLog
-from base.recipe import LogConfig, TrainConfig
+from codegpt.base import budget
+from codegpt.base.checkpoint import read_model_weights, write_model_files
+from codegpt.base.provenance import provenance
+from codegpt.base.wrappers import unwrap
+from codegpt.base.recipe_loader import dump_recipe, read_yaml, to_dict
+from codegpt.base.errors import InvalidValue, UserError
+from codegpt.base.fileio import atomic_directory, atomic_write_text, recover, remove_temporaries
+from codegpt.base.loss import IGNORE_INDEX
+from codegpt.base.metrics import MetricsLog
+from codegpt.base.recipe import LogConfig, TrainConfig, accumulation_steps
 
 STATE_FILE = "training_state.pt"
 TRAINER_FILE = "trainer.json"
@@ -83,12 +85,24 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def accumulation_steps(train: TrainConfig, block_size: int, world_size: int) -> int:
-    per_step = train.micro_batch_size * block_size * world_size
-    if train.batch_tokens % per_step:
-        raise UserError(f"train.batch_tokens: {train.batch_tokens} is not a multiple of micro_batch_size x "
-                        f"block_size x processes = {train.micro_batch_size} x {block_size} x {world_size} = {per_step}")
-    return train.batch_tokens // per_step
+def validation_sample(source, train: TrainConfig, block_size: int, world_size: int, where: str) -> Callable:
+    """The function that yields the same validation batches at every evaluation: about
+    `eval_tokens` of `source` (a fixed shuffle across the whole split, rewound each time), this
+    rank's share. `source` has `rows_per_epoch`, `rewind()` and `next_batch()`. A split without
+    one batch per process is a UserError naming `where`, raised now rather than at the first
+    evaluation."""
+    available = source.rows_per_epoch // (train.micro_batch_size * world_size)
+    if available == 0:
+        raise UserError(f"{where}: the validation split has {source.rows_per_epoch} rows of {block_size} tokens, "
+                        f"fewer than one batch of {train.micro_batch_size} per process")
+    count = min(available, max(1, train.eval_tokens // (train.micro_batch_size * block_size * world_size)))
+
+    def batches():
+        source.rewind()
+        for _ in range(count):
+            yield source.next_batch()
+
+    return batches
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
@@ -169,7 +183,10 @@ class Trainer:
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
         acc = self.accelerator
-        self.accumulation = accumulation_steps(self.train, self.block_size, acc.num_processes)
+        try:
+            self.accumulation = accumulation_steps(self.train, self.block_size, acc.num_processes)
+        except InvalidValue as err:
+            raise UserError(f"train.{err.key}: {err.message}") from None
         _seed_everything(self.train.seed + acc.process_index)
         raw_model = self.model
         self.optimizer = make_optimizer(raw_model, self.train, acc.device)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from base.model import GPTConfig
+from codegpt.base.model import GPTConfig
 
 
 def flops_per_token(config: GPTConfig) -> float:

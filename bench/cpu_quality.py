@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from base.checkpoint import load_model
-from base.config import load_recipe, split_cli_args
-from base.data import ensure_shards
-from base.errors import cli_entry
-from base.quality import describe, parse_rate, validation_loss
-from base.recipe import PretrainRecipe
-from base.tokenizer import Tokenizer
+from codegpt.base.checkpoint import load_model
+from codegpt.base.recipe_loader import load_recipe, split_cli_args
+from codegpt.base.data.build import ensure_shards
+from codegpt.base.errors import cli_entry
+from codegpt.base.quality import describe, parse_rate, validation_loss
+from codegpt.base.recipe import PretrainRecipe
+from codegpt.base.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Issue 9's measurement on this machine, quoted (re-running it needs nanoGPT's own code).

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from base import loss as loss_module
-from base.generate import Sampling, banned_ids, token_steps
-from base.model import GPT, GPTConfig
-from base.tokenizer import Tokenizer
+from codegpt.base import loss as loss_module
+from codegpt.base.generate import Sampling, banned_ids, token_steps
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.tokenizer import Tokenizer
 from bench import nanogpt_parity
 from bench.common import flops_per_token, matmul_peak, nanogpt, nanogpt_module, sync
 
@@ -99,9 +99,6 @@ def train_rate(kind: str, compiled: bool, micro_batch: int, chunk_rows: int, ste
     sync(device)
     rate = micro_batch * config.block_size * steps / (time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    del model, optimizer, forward
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"tokens_per_s": rate, "peak_gib": peak, "warmup_s": warmup}
 
 
@@ -120,8 +117,8 @@ def train_section(args, config, device, peak) -> tuple[list[str], list[dict]]:
             row["mfu"] = row["tokens_per_s"] * flops_per_token(config) / peak
         except Exception as err:  # a contender that fails (out of memory, say) is a finding, not a stop
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the contender's memory, freed as train_rate returned
         rows.append(row)
         print(json.dumps(row), flush=True)
     best_nano = max((r["tokens_per_s"] for r in rows if r["model"] == "nanogpt" and r["compiled"] and "error" not in r),
@@ -163,7 +160,7 @@ def decode_rate(run, new_tokens: int, device: str, repeats: int = 3) -> tuple[fl
 def decode_section(config, device, new_tokens: int = 128) -> tuple[list[str], dict]:
     import transformers
 
-    from base.checkpoint import export_hf
+    from codegpt.base.convert import export_hf
 
     tokenizer = Tokenizer()
     torch.manual_seed(0)

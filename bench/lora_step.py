@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from base.model import GPT, GPTConfig
-from finetune.lora import LoRAConfig, apply_lora
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.finetune.lora import LoRAConfig, apply_lora
 from bench.common import hf_gpt2, peak_rss_mib
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from base.model import GPT, GPTConfig
+from codegpt.base.model import GPT, GPTConfig
 from bench.common import peak_rss_mib, rss_mib
 
 

@@ -22,9 +22,9 @@ import json
 import numpy as np
 import torch
 
-from base.model import GPT, GPTConfig
-from base.recipe import TrainConfig
-from base.train import learning_rate, make_optimizer
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.recipe import TrainConfig
+from codegpt.base.train import learning_rate, make_optimizer
 from bench.common import nanogpt, nanogpt_module
 
 SEED = dataclasses.replace(GPTConfig(), dropout=0.0, activation="gelu")
@@ -87,7 +87,7 @@ def run(nanogpt_path: str, train_bin: str, steps: int = 12, accumulation: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", required=True, help="nanoGPT's model.py")
-    parser.add_argument("--train-bin", required=True, help="a uint32 token shard (python -m base.data builds them)")
+    parser.add_argument("--train-bin", required=True, help="a uint32 token shard (codegpt data builds them)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--accumulation", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=16)

@@ -25,11 +25,11 @@ import tempfile
 
 import torch
 
-from base.checkpoint import export_hf
-from base.decode_head import has_fast_bf16
-from base.generate import Sampling, banned_ids, token_steps
-from base.model import GPT, GPTConfig
-from base.tokenizer import Tokenizer
+from codegpt.base.convert import export_hf
+from codegpt.base.decode_head import has_fast_bf16
+from codegpt.base.generate import Sampling, banned_ids, token_steps
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.tokenizer import Tokenizer
 from bench.common import flops_per_token, hf_gpt2, matmul_peak, peak_rss_mib, summary, timed
 
 CONFIG = GPTConfig(dropout=0.0)

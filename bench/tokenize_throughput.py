@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from base.corpus import FilterReport, filtered, local_documents
-from base.recipe import DataConfig
-from base.shards import build_shards
-from base.tokenizer import Tokenizer
+from codegpt.base.data.corpus import FilterReport, filtered, local_documents
+from codegpt.base.recipe import DataConfig
+from codegpt.base.data.shards import build_shards
+from codegpt.base.tokenizer import Tokenizer
 
 
 def bare_tokenizer(tokenizer: Tokenizer, texts: list[str]) -> tuple[float, int]:

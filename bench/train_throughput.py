@@ -16,9 +16,9 @@ import time
 import torch
 
 from bench.common import flops_per_token, matmul_peak, sync
-from base.config import load_recipe
-from base.model import GPT, GPTConfig
-from base.recipe import PretrainRecipe
+from codegpt.base.recipe_loader import load_recipe
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.recipe import PretrainRecipe
 
 A100_BF16_PEAK = 312e12  # dense bf16 tensor-core FLOP/s, NVIDIA's datasheet
 ASSUMED_A100_MFU = 0.40  # typical for a ~100M GPT at 1024 context with torch.compile and flash attention

@@ -16,12 +16,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from base.checkpoint import load_any, provenance, read_safetensors, unwrap, weights_hash
-from base.config import build_in_file
-from base.errors import UserError
-from base.fileio import atomic_write_text, read_json
-from base.model import GPT
-from finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
+from codegpt.base.checkpoint import read_safetensors
+
+from codegpt.base.convert import load_any
+
+from codegpt.base.provenance import provenance, weights_hash
+
+from codegpt.base.wrappers import unwrap
+from codegpt.base.recipe_loader import build_in_file
+from codegpt.base.errors import UserError
+from codegpt.base.fileio import atomic_write_text, read_json
+from codegpt.base.model import GPT
+from codegpt.finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"

@@ -1,8 +1,8 @@
 """Evaluate any model (base, base + adapter, merged) by running its code.
 
-    python -m finetune.evaluate checkpoints/docstring-tiny/final --benchmark humaneval -n 10 --limit 20
-    python -m finetune.evaluate checkpoints/bugfix-tiny/final --benchmark bugfix --limit 20
-    python -m finetune.evaluate checkpoints/pretrain-cpu-fim/final --benchmark humaneval-infill-single --limit 200
+    codegpt evaluate checkpoints/docstring-tiny/final --benchmark humaneval -n 10 --limit 20
+    codegpt evaluate checkpoints/bugfix-tiny/final --benchmark bugfix --limit 20
+    codegpt evaluate checkpoints/pretrain-cpu-fim/final --benchmark humaneval-infill-single --limit 200
 
 humaneval: n samples per problem (temperature 0.8, top-p 0.95 unless told otherwise; n = 1 and
 temperature 0 for greedy), cut at the usual stop sequences, run against the tests; unbiased
@@ -26,18 +26,19 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from base.errors import ArgumentParser, UserError, cli_entry, positive_int
-from base.fileio import atomic_write_text
-from base.generate import Sampling, add_sampling_args, generate, not_trained_for_infilling, sampling_from_args
-from base.tokenizer import Tokenizer
-from finetune.adapter import load_for_inference
-from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
-from tasks.humaneval import STOP, load_problems
-from tasks.infill import BENCHMARKS as INFILL
-from tasks.infill import infill_problems, score_infill
-from tasks.jsonl import read_jsonl
-from tasks.registry import TASKS, task_of, unknown_task
-from tasks.sandbox import isolation
+from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
+from codegpt.base.fileio import atomic_write_text
+from codegpt.base.generate import Sampling, generate, not_trained_for_infilling
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.finetune.adapter import load_for_inference
+from codegpt.finetune.sample import add_sampling_args, sampling_from_args
+from codegpt.tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
+from codegpt.tasks.humaneval import STOP, load_problems
+from codegpt.tasks.infill import BENCHMARKS as INFILL
+from codegpt.tasks.infill import infill_problems, score_infill
+from codegpt.tasks.jsonl import read_jsonl
+from codegpt.tasks.registry import TASKS, task_of, unknown_task
+from codegpt.tasks.sandbox import isolation
 
 
 def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size: int) -> dict:

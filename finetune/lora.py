@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from base.config import InvalidValue
-from base.errors import UserError
+from codegpt.base.errors import InvalidValue
+from codegpt.base.errors import UserError
 
 
 @dataclass

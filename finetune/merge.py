@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base: a standalone model in the base format, no LoRA code needed.
 
-    python -m finetune.merge checkpoints/docstring/final checkpoints/docstring-merged [--base PATH] [--overwrite]
+    codegpt merge checkpoints/docstring/final checkpoints/docstring-merged [--base PATH] [--overwrite]
 
 The update scale * B @ A is added to each adapted weight in float32; the merged model computes
 what base + adapter computes. OUT must not exist or be empty; `--overwrite` replaces a CodeGPT
@@ -13,39 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from base.checkpoint import provenance, read_config, save_model
-from base.errors import ArgumentParser, UserError, cli_entry
-from finetune.adapter import load_for_inference, read_adapter_config
-from finetune.lora import strip_lora
-
-
-def check_out(out: Path, adapter: Path, base: Path, overwrite: bool) -> None:
-    """Refuse an OUT whose replacement would delete what the user did not ask to replace."""
-    target = out.resolve()
-    for name, path in (("base model", base), ("adapter", adapter)):
-        path = path.resolve()
-        if target == path or target in path.parents:
-            where = "is the" if target == path else f"holds {path}, the"
-            raise UserError(f"{out}: {where} {name}; a merge never writes over its {name}")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    content = sorted(p.name for p in out.iterdir())
-    if not content:
-        return
-    if not overwrite:
-        raise UserError(f"{out}: not empty (holds {content[0]}); pass --overwrite to replace a model directory")
-    try:
-        read_config(out)
-    except UserError:
-        raise UserError(f"{out}: not a CodeGPT model directory (holds {content[0]}); --overwrite replaces only "
-                        "a model directory") from None
+from codegpt.base.checkpoint import check_output_dir, save_model
+from codegpt.base.provenance import provenance
+from codegpt.base.errors import ArgumentParser, cli_entry
+from codegpt.finetune.adapter import load_for_inference, read_adapter_config
+from codegpt.finetune.lora import strip_lora
 
 
 def merge_adapter(adapter: str, out: str, base: str | None = None, overwrite: bool = False) -> str:
     base = base or read_adapter_config(adapter)["base"]
-    check_out(Path(out), Path(adapter), Path(base), overwrite)
+    check_output_dir(Path(out), {"base model": Path(base), "adapter": Path(adapter)}, overwrite, "a merge")
     model, description = load_for_inference(base, adapter)
     strip_lora(model)
     save_model(out, model, meta=provenance(merged_from=description, adapter=str(adapter), base=str(base)))

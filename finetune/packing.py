@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from base.errors import UserError
-from base.generate import infill_ids
-from base.loss import IGNORE_INDEX
-from base.tokenizer import Tokenizer
+from codegpt.base.errors import UserError
+from codegpt.base.generate import infill_ids
+from codegpt.base.loss import IGNORE_INDEX
+from codegpt.base.tokenizer import Tokenizer
 
 PAD_SEGMENT = -1
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from base.config import InvalidValue
-from base.recipe import LogConfig, TrainConfig
-from finetune.lora import LoRAConfig
-from tasks.registry import TaskConfig
+from codegpt.base.errors import InvalidValue
+from codegpt.base.recipe import LogConfig, TrainConfig
+from codegpt.finetune.lora import LoRAConfig
+from codegpt.tasks.registry import TaskConfig
 
 
 @dataclass

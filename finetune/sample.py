@@ -1,13 +1,14 @@
-"""Sample from a base, base + adapter, or merged model, streaming to the terminal.
+"""The sampling command (`codegpt generate`, alias `sample`): any model, streaming to the terminal.
 
-    python -m finetune.sample checkpoints/docstring-tiny/final --prompt "def add(a, b):" --temperature 0
-    python -m finetune.sample checkpoints/pretrain-tiny/final --adapter checkpoints/docstring-tiny/final --file f.py
-    python -m finetune.sample checkpoints/docstring-tiny/final --task-examples data/tasks/docstring-tiny/val.jsonl -n 3
-    python -m finetune.sample checkpoints/pretrain-cpu-fim/final --prompt "def add(a, b):\n" --suffix "\n\nprint(add(1, 2))\n"
-    python -m finetune.sample checkpoints/pretrain-cpu-fim/final --file hole.py   # hole.py marks the hole with <FILL-HERE>
+    codegpt generate checkpoints/docstring-tiny/final --prompt "def add(a, b):" --temperature 0
+    codegpt generate checkpoints/pretrain-tiny/final --adapter checkpoints/docstring-tiny/final --file f.py
+    codegpt generate checkpoints/docstring-tiny/final --task-examples data/tasks/docstring-tiny/val.jsonl -n 3
+    codegpt generate checkpoints/pretrain-cpu-fim/final --prompt "def add(a, b):\n" --suffix "\n\nprint(add(1, 2))\n"
+    codegpt generate checkpoints/pretrain-cpu-fim/final --file hole.py   # hole.py marks the hole with <FILL-HERE>
 
-An adapter directory given as the model brings its own base. Every option of base/generate.py
-applies; with --task-examples the prompts are a task's val examples, each followed by its
+The model is a base (ours, a nanoGPT .pt or a Hugging Face GPT-2 directory), a merged model, or
+a base plus --adapter; an adapter directory given as the model brings its own base. The sampling
+options are those of base/generate.py; with --task-examples the prompts are a task's val examples, each followed by its
 reference completion for comparison, and the task's stop strings apply unless --stop is given.
 With --suffix (or a --file holding the hole marker once) the model fills the hole between the
 prompt and the suffix (fill-in-the-middle), writing prefix, middle and suffix; a model not trained
@@ -18,16 +19,88 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from accelerate import PartialState
 
-from base.errors import ArgumentParser, cli_entry, positive_int
-from base.generate import (HOLE, add_sampling_args, not_trained_for_infilling, print_stream, read_prompts,
-                           sampling_from_args)
-from base.tokenizer import Tokenizer
-from finetune.adapter import load_for_inference
-from tasks.jsonl import read_jsonl
-from tasks.registry import task_of, unknown_task
+from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
+from codegpt.base.generate import MIN_TEMPERATURE, BadOption, Sampling, not_trained_for_infilling, stream
+from codegpt.base.model import GPT
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.finetune.adapter import load_for_inference
+from codegpt.tasks.jsonl import read_jsonl
+from codegpt.tasks.registry import task_of, unknown_task
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=Sampling.temperature,
+                       help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); \\n escapes work")
+    group.add_argument("--seed", type=int, default=None, help="0 to 2**63 - 1")
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    stop = [s.encode().decode("unicode_escape") for s in args.stop]
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop, args.seed)
+    try:
+        sampling.validate()
+    except BadOption as bad:
+        raise UserError(f"--{bad.field.replace('_', '-')}: {bad.message}") from None
+    return sampling
+
+
+def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling, suffix: str | None = None,
+                 out=None) -> list[str]:
+    """Stream each prompt and its completion to `out` (stdout), one prompt after the other; with
+    `suffix`, each middle and then the suffix."""
+    out = out or sys.stdout
+    completions = []
+    for i, prompt in enumerate(prompts):
+        out.write(prompt)
+        text = ""
+        # Each sample of a seeded run gets its own seed, so repeated prompts give different samples.
+        seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
+        for _, piece in stream(model, tokenizer, [prompt], seeded, [suffix]):
+            out.write(piece)
+            out.flush()
+            text += piece
+        out.write((suffix or "") + "\n" + "-" * 40 + "\n")
+        completions.append(text)
+    return completions
+
+
+# Marks the hole of a --file to fill in the middle (as in the SantaCoder and StarCoder demos).
+HOLE = "<FILL-HERE>"
+
+
+def read_prompts(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """([prompt], suffix or None) from --prompt/--suffix or --file (with --hole marking a hole)."""
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
+        hole = getattr(args, "hole", None)
+        if hole is None or hole not in text:
+            if getattr(args, "suffix", None) is not None:
+                raise UserError(f"{args.file}: no hole marker {hole} in the file (--suffix needs the file to mark "
+                                "where the code before the hole ends)")
+            return [text], None
+        if text.count(hole) > 1:
+            line = text[: text.index(hole, text.index(hole) + 1)].count("\n") + 1
+            raise UserError(f"{args.file}:{line}: a second hole marker {hole} (fill one hole at a time)")
+        prefix, suffix = text.split(hole)
+        return [prefix], suffix
+    unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
+    suffix = getattr(args, "suffix", None)
+    return [unescape(args.prompt)], None if suffix is None else unescape(suffix)
 
 
 @cli_entry

@@ -1,6 +1,7 @@
 """Supervised fine-tuning of a CodeGPT base on a task, with LoRA or all weights.
 
-    accelerate launch finetune/sft.py recipes/docstring.yaml [section.key=value ...]
+    codegpt sft [launcher options] recipes/docstring.yaml [section.key=value ...]
+    accelerate launch [launcher options] finetune/sft.py recipes/docstring.yaml [section.key=value ...]
 
 The story: load the base the recipe names (any format the importers read); build the task's
 jsonl if it is not there yet; encode prompt + completion with the prompt's labels masked and pack
@@ -18,17 +19,19 @@ from pathlib import Path
 
 import torch
 
-from base.checkpoint import load_any, weights_hash
-from base.config import load_recipe, split_cli_args
-from base.errors import UserError, cli_entry
-from base.tokenizer import Tokenizer
-from base.train import Trainer, make_accelerator
-from finetune.adapter import read_adapter_weights, write_adapter_files
-from finetune.lora import LoRAConfig, apply_lora, trainable_summary
-from finetune.packing import PackedBatches, encode_example
-from finetune.recipe import SFTRecipe
-from tasks.build import build_task_data
-from tasks.jsonl import read_jsonl
+from codegpt.base.convert import load_any
+
+from codegpt.base.provenance import weights_hash
+from codegpt.base.recipe_loader import load_recipe, split_cli_args
+from codegpt.base.errors import UserError, cli_entry
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.base.train import Trainer, make_accelerator, validation_sample
+from codegpt.finetune.adapter import read_adapter_weights, write_adapter_files
+from codegpt.finetune.lora import LoRAConfig, apply_lora, trainable_summary
+from codegpt.finetune.packing import PackedBatches, encode_example
+from codegpt.finetune.recipe import SFTRecipe
+from codegpt.tasks.build import build_task_data
+from codegpt.tasks.jsonl import read_jsonl
 
 USAGE = "usage: accelerate launch finetune/sft.py recipe.yaml [section.key=value ...]"
 # What a run's checkpoints are made for; LoRA's dropout alone may change when a run resumes.
@@ -73,23 +76,16 @@ def sft(recipe: SFTRecipe) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     train_rows = PackedBatches(train_examples, block_size, recipe.train.micro_batch_size, rank, world,
                                seed=recipe.train.seed)
-    # A fixed shuffle, rewound at each evaluation: the same sample every time, drawn across all files.
     val_rows = PackedBatches(val_examples, block_size, recipe.train.micro_batch_size, rank, world, seed=recipe.train.seed)
-    eval_batches = min(max(1, recipe.train.eval_tokens // (recipe.train.micro_batch_size * block_size * world)),
-                       max(1, val_rows.rows_per_epoch // (recipe.train.micro_batch_size * world)))
     accelerator.print(f"{len(train_examples):,} train examples in {train_rows.rows_per_epoch:,} packed rows of "
                       f"{block_size} ({train_rows.dropped_too_long} too long, dropped); {len(val_examples):,} val")
-
-    def val_batches():
-        val_rows.rewind()
-        for _ in range(eval_batches):
-            yield val_rows.next_batch()
 
     hooks = {}
     if recipe.method == "lora":
         hooks = dict(write_weights=lambda d, m, meta: write_adapter_files(d, m, recipe.lora, recipe.base, base_hash, meta),
                      read_weights=read_adapter_weights)
-    trainer = Trainer(model=model, train_batches=train_rows, val_batches=val_batches, train=recipe.train,
+    trainer = Trainer(model=model, train_batches=train_rows,
+                      val_batches=validation_sample(val_rows, recipe.train, block_size, world, "task.val_fraction"), train=recipe.train,
                       log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator, recipe=recipe,
                       block_size=block_size, fixed_keys=RUN_KEYS + (ADAPTER_KEYS if recipe.method == "lora" else ()),
                       **hooks)

@@ -1,7 +1,7 @@
 """Start the inference web UI.
 
-    python -m serve --model checkpoints/pretrain-tiny/final [--adapter checkpoints/docstring-tiny/final]
-                    [--host 127.0.0.1] [--port 8000]
+    codegpt serve --model checkpoints/pretrain-cpu/final [--adapter checkpoints/docstring-tiny/final]
+                  [--host 127.0.0.1] [--port 8000]
 
 Binds to 127.0.0.1 unless told otherwise; open http://127.0.0.1:8000/ in a browser.
 """
@@ -12,10 +12,10 @@ import argparse
 
 from accelerate import PartialState
 
-from base.errors import ArgumentParser, UserError, cli_entry, positive_int
-from base.tokenizer import Tokenizer
-from finetune.adapter import load_for_inference
-from serve.app import Limits, create_app
+from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.finetune.adapter import load_for_inference
+from codegpt.serve.app import Limits, create_app
 
 
 @cli_entry

@@ -28,11 +28,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from base.generate import BadOption, Sampling, not_trained_for_infilling, stream
-from base.model import GPT
-from base.tokenizer import Tokenizer
-from tasks.humaneval import STOP as HUMANEVAL_STOP
-from tasks.registry import TASKS, bugfix_prompt
+from codegpt.base.generate import BadOption, Sampling, not_trained_for_infilling, stream
+from codegpt.base.model import GPT
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.tasks.humaneval import STOP as HUMANEVAL_STOP
+from codegpt.tasks.registry import TASKS, bugfix_prompt
 
 STATIC = Path(__file__).with_name("static")
 
@@ -170,7 +170,7 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
                                    f"{limits.max_prompt_tokens}")
         sampling = Sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p, list(body.stop), body.seed)
         try:
-            sampling.check()  # what the schema's bounds cannot say: a seed torch takes, a usable temperature
+            sampling.validate()  # what the schema's bounds cannot say: a seed torch takes, a usable temperature
         except BadOption as bad:
             raise _BadField(bad.field, bad.message) from None
         return sampling, prompt_tokens

@@ -13,10 +13,10 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from tasks.humaneval import Problem, check_program, pass_at_k, truncate
-from tasks.mutations import KINDS, mutate
-from tasks.registry import bugfix_prompt
-from tasks.sandbox import Limits, run_many
+from codegpt.tasks.humaneval import Problem, check_program, pass_at_k, truncate
+from codegpt.tasks.mutations import KINDS, mutate
+from codegpt.tasks.registry import bugfix_prompt
+from codegpt.tasks.sandbox import Limits, run_many
 
 
 def score_humaneval(problems: list[Problem], samples: dict[str, list[str]], ks=(1, 10, 100),

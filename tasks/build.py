@@ -1,6 +1,6 @@
 """Build a task's train.jsonl and val.jsonl from real code.
 
-    python -m tasks.build [recipe.yaml] [task.key=value ...]
+    codegpt tasks [recipe.yaml] [task.key=value ...]
 
 Reads the `task` section of a recipe (recipes/docstring.yaml, recipes/bugfix.yaml, ...): the
 task, the code to draw functions from (default: this Python's standard library), where to
@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from base.config import load_recipe, split_cli_args
-from base.corpus import (Document, FilterReport, codeparrot_documents, content_hash, file_documents, filtered,
+from codegpt.base.recipe_loader import load_recipe, split_cli_args
+from codegpt.base.data.corpus import (Document, FilterReport, codeparrot_documents, content_hash, file_documents, filtered,
                          local_documents)
-from base.errors import cli_entry
-from base.fileio import atomic_write_text
-from base.shards import in_val
-from tasks.functions import functions_with_docstrings
-from tasks.jsonl import write_jsonl
-from tasks.registry import TASKS, TaskConfig, contaminated
+from codegpt.base.errors import cli_entry
+from codegpt.base.fileio import atomic_write_text
+from codegpt.base.data.shards import in_val
+from codegpt.tasks.extract_functions import functions_with_docstrings
+from codegpt.tasks.jsonl import write_jsonl
+from codegpt.tasks.registry import TASKS, TaskConfig, contaminated
 
-USAGE = "usage: python -m tasks.build [recipe.yaml] [task.key=value ...]"
+USAGE = "usage: codegpt tasks [recipe.yaml] [task.key=value ...]"
 
 
 @dataclass

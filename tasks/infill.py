@@ -23,10 +23,10 @@ import random
 import re
 from dataclasses import dataclass
 
-from base.tokenizer import EOT
-from tasks.benchmarks import score_programs
-from tasks.humaneval import Problem, check_program, load_problems
-from tasks.sandbox import Limits
+from codegpt.base.tokenizer import EOT
+from codegpt.tasks.benchmarks import score_programs
+from codegpt.tasks.humaneval import Problem, check_program, load_problems
+from codegpt.tasks.sandbox import Limits
 
 SINGLE = "humaneval-infill-single"
 MULTI = "humaneval-infill-multi"

@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 
 import jsonlines
 
-from base.errors import UserError
-from base.fileio import atomic_write_text
+from codegpt.base.errors import UserError
+from codegpt.base.fileio import atomic_write_text
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Iterator, Literal
 
-from base.config import InvalidValue
-from base.corpus import content_hash
-from tasks.functions import Function
-from tasks.humaneval import STOP as HUMANEVAL_STOP
-from tasks.humaneval import load_problems
-from tasks.mutations import mutate
+from codegpt.base.errors import InvalidValue
+from codegpt.base.data.corpus import content_hash
+from codegpt.tasks.extract_functions import Function
+from codegpt.tasks.humaneval import STOP as HUMANEVAL_STOP
+from codegpt.tasks.humaneval import load_problems
+from codegpt.tasks.mutations import mutate
 
 BUGFIX_INSTRUCTION = "# The function below has one bug. Write the function again with the bug fixed.\n"
 BUGFIX_ANSWER = "# Fixed version:\n"

@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.sandbox_runner import WRAPPER, judge, verdict_channel
+from codegpt.tasks.sandbox_runner import WRAPPER, judge, verdict_channel
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 FIRST_UID = 61_000  # uids 61000.. are unused on Debian-like systems; one per worker slot

@@ -6,13 +6,12 @@ import shutil
 import pytest
 import torch
 
-from base import budget
-from base.config import InvalidValue
-from base.model import GPT
-from base.recipe import LogConfig, PretrainRecipe, TrainConfig
-from base.train import Trainer, checkpoint_dirs, learning_rate, make_accelerator
-from conftest import tiny_config
-from test_train import ListBatches, comparable, losses
+from codegpt.base import budget
+from codegpt.base.errors import InvalidValue
+from codegpt.base.model import GPT
+from codegpt.base.recipe import LogConfig, PretrainRecipe, TrainConfig
+from codegpt.base.train import Trainer, checkpoint_dirs, learning_rate, make_accelerator
+from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 
 def test_plan_fits_steps_and_evaluations_in_what_is_left():

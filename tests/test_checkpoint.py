@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from base.checkpoint import export_hf, load_any, load_model, save_model, weights_hash
-from base.errors import UserError
-from base.model import GPT
-from conftest import tiny_config
-from nanogpt_reference import GPTConfig as PickledConfig
-from nanogpt_reference import ReferenceGPT
+from codegpt.base.checkpoint import load_model, save_model
+
+from codegpt.base.convert import export_hf, load_any
+
+from codegpt.base.provenance import weights_hash
+from codegpt.base.errors import UserError
+from codegpt.base.model import GPT
+from tests.helpers import tiny_config
+from tests.nanogpt_reference import GPTConfig as PickledConfig
+from tests.nanogpt_reference import ReferenceGPT
 
 ROOT = Path(__file__).resolve().parent.parent
 transformers = pytest.importorskip("transformers")
@@ -135,7 +139,7 @@ def test_convert_command_round_trips_through_hugging_face(tmp_path, tiny_model):
     save_model(tmp_path / "ours", tiny_model)
 
     def convert(*args):
-        result = subprocess.run([sys.executable, "-m", "base.convert", *map(str, args)],
+        result = subprocess.run([sys.executable, "-m", "codegpt.base.convert", *map(str, args)],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         return result.stdout
@@ -167,7 +171,8 @@ def test_provenance_records_the_commit_of_the_code_not_of_an_enclosing_repositor
     git("commit", "-q", "-m", "project", cwd=outer)
     run_dir = outer / "runs"
     run_dir.mkdir()
-    probe = "from base.checkpoint import provenance; print(provenance()['git_commit'])"
+    # The copy's own provenance module (it imports nothing of ours), not the installed one.
+    probe = "from provenance import provenance; print(provenance()['git_commit'])"
     result = subprocess.run([sys.executable, "-c", probe], cwd=run_dir, capture_output=True, text=True, check=True,
-                            env={**os.environ, "PYTHONPATH": str(code)})
+                            env={**os.environ, "PYTHONPATH": str(code / "base")})
     assert result.stdout.strip() == (git("rev-parse", "HEAD", cwd=outer) if tracked else "None")

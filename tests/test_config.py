@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from base.config import dump_recipe, load_recipe
-from base.errors import UserError
-from base.recipe import PretrainRecipe
+from codegpt.base.recipe_loader import dump_recipe, load_recipe
+from codegpt.base.errors import UserError
+from codegpt.base.recipe import PretrainRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def test_recipe_used_round_trips(tmp_path):
 
 
 def test_command_prints_one_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "base.convert", str(tmp_path / "missing"), str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "codegpt.base.convert", str(tmp_path / "missing"), str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'missing'}: no such file or directory\n"
@@ -136,8 +136,8 @@ def test_a_model_too_big_for_memory_is_refused_with_its_size(tmp_path):
 
 
 def test_parameter_count_matches_the_model():
-    from base.footprint import parameter_count
-    from base.model import GPT, GPTConfig
+    from codegpt.base.footprint import parameter_count
+    from codegpt.base.model import GPT, GPTConfig
 
     for config in (GPTConfig(), GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=1000, bias=False)):
         assert parameter_count(config) == GPT(config).num_params()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from base.corpus import (FilterReport, alphanumeric_count, default_local_paths, file_documents, filtered,
+from codegpt.base.data.corpus import (FilterReport, alphanumeric_count, default_local_paths, file_documents, filtered,
                          local_documents, local_files, quality_problem)
-from base.errors import UserError
+from codegpt.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -63,7 +63,7 @@ def test_huge_unreadable_and_special_files_are_skipped(tmp_path):
 
 
 def test_broken_links_in_a_corpus_are_skipped_and_counted(tmp_path, capsys):
-    from base.data import main
+    from codegpt.base.data.build import main
 
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
@@ -151,7 +151,7 @@ def test_jsonl_and_parquet_through_datasets(tmp_path):
 def test_codeparrot_offline_fails_fast_and_says_how_to_use_local_code(tmp_path, network):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | network
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", "data.source=codeparrot",
+    result = subprocess.run([sys.executable, "-m", "codegpt.base.data", "recipes/pretrain-tiny.yaml", "data.source=codeparrot",
                              f"data.shard_dir={tmp_path / 'shards'}"], capture_output=True, text=True, cwd=ROOT,
                             env=env, timeout=60)
     assert time.monotonic() - started < 30

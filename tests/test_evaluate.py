@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from base.checkpoint import save_model
-from base.model import GPT, GPTConfig
-from tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
-from tasks.humaneval import load_problems
+from codegpt.base.checkpoint import save_model
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
+from codegpt.tasks.humaneval import load_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 

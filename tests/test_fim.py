@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from base.fim import FimTokens, fim_window, rearrange, window_rng
-from base.recipe import DataConfig
-from base.shards import build_hash
-from base.tokenizer import Tokenizer
+from codegpt.base.data.fim import FimTokens, fim_window, rearrange, window_rng
+from codegpt.base.recipe import DataConfig
+from codegpt.base.data.shards import build_hash
+from codegpt.base.tokenizer import Tokenizer
 
 TOKENS = FimTokens.of(Tokenizer())
 

@@ -5,14 +5,14 @@ bf16-ranked decode head gives the plain head's logits and tokens."""
 import pytest
 import torch
 
-import base.generate as generate_module
-from base.errors import UserError
-from base import decode_head
-from base.decode_head import next_token_head
-from base.generate import Sampling, banned_ids, generate, sample_next, stream
-from base.tokenizer import Tokenizer
-from conftest import tiny_config
-from base.model import GPT
+import codegpt.base.generate as generate_module
+from codegpt.base.errors import UserError
+from codegpt.base import decode_head
+from codegpt.base.decode_head import next_token_head
+from codegpt.base.generate import Sampling, banned_ids, generate, sample_next, stream
+from codegpt.base.tokenizer import Tokenizer
+from tests.helpers import tiny_config
+from codegpt.base.model import GPT
 
 
 @pytest.fixture(scope="module")

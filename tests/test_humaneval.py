@@ -4,8 +4,8 @@ from math import comb
 
 import pytest
 
-from tasks.humaneval import STOP, check_program, load_problems, pass_at_k, truncate
-from tasks.sandbox import Limits, run_many
+from codegpt.tasks.humaneval import STOP, check_program, load_problems, pass_at_k, truncate
+from codegpt.tasks.sandbox import Limits, run_many
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ for a model not trained for it."""
 import pytest
 import torch
 
-from base.checkpoint import save_model
-from base.generate import Sampling, generate, infill_ids, stream
-from base.model import GPT
-from base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
-from conftest import tiny_config
-from finetune import sample
+from codegpt.base.checkpoint import save_model
+from codegpt.base.generate import Sampling, generate, infill_ids, stream
+from codegpt.base.model import GPT
+from codegpt.base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
+from tests.helpers import tiny_config
+from codegpt.finetune import sample
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ empty infill runs prefix + suffix alone and scores what the tests allow, and the
 
 import pytest
 
-from tasks.humaneval import check_program, load_problems
-from tasks.infill import MULTI, SINGLE, infill_problems, postprocess, score_infill
-from tasks.sandbox import Limits
+from codegpt.tasks.humaneval import check_program, load_problems
+from codegpt.tasks.infill import MULTI, SINGLE, infill_problems, postprocess, score_infill
+from codegpt.tasks.sandbox import Limits
 
 
 @pytest.fixture(scope="module")

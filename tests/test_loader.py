@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from base.errors import UserError
-from base.fim import Fim, FimTokens
-from base.loader import BatchLoader
-from base.tokenizer import Tokenizer
+from codegpt.base.errors import UserError
+from codegpt.base.data.fim import Fim, FimTokens
+from codegpt.base.data.loader import BatchLoader
+from codegpt.base.tokenizer import Tokenizer
 
 SIZES = [1000, 337, 2000, 16]  # the last shard is too short for a window of 17 tokens
 
@@ -124,7 +124,7 @@ def test_validation_is_a_fixed_sample_in_order(shard_dir):
 
 
 def test_missing_or_too_small_shards_are_user_errors(tmp_path, shard_dir):
-    with pytest.raises(UserError, match=r"no token shards \(build them with `python -m base.data"):
+    with pytest.raises(UserError, match=r"no token shards \(build them with `codegpt data"):
         BatchLoader(str(tmp_path / "none"), "train", 16, 2)
     with pytest.raises(UserError, match="the val split has no window of 17 tokens"):
         BatchLoader(shard_dir, "val", 16, 2)

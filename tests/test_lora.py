@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from base.errors import UserError
-from base.model import GPT
-from conftest import tiny_config
-from finetune.lora import (LoRAConfig, LoRALinear, adapter_state, apply_lora, load_adapter_state, merge,
+from codegpt.base.errors import UserError
+from codegpt.base.model import GPT
+from tests.helpers import tiny_config
+from codegpt.finetune.lora import (LoRAConfig, LoRALinear, adapter_state, apply_lora, load_adapter_state, merge,
                            strip_lora, unmerge)
 
 
@@ -128,7 +128,7 @@ def test_adapter_state_round_trips_alone():
 def test_refusals_name_the_problem():
     with pytest.raises(UserError, match=r"lora.targets: 'q_proj' matches no linear layer"):
         apply_lora(GPT(tiny_config()), LoRAConfig(targets=["q_proj"]))
-    from base.config import InvalidValue
+    from codegpt.base.errors import InvalidValue
 
     with pytest.raises(InvalidValue, match="must be positive"):
         LoRAConfig(r=0).validate()

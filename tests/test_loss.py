@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from base import loss as loss_module
-from base.loss import linear_cross_entropy
-from base.model import GPT
-from conftest import tiny_config
+from codegpt.base import loss as loss_module
+from codegpt.base.loss import linear_cross_entropy
+from codegpt.base.model import GPT
+from tests.helpers import tiny_config
 
 PATHS = {"cpu": loss_module._CpuLinearCrossEntropy, "sync-free": loss_module._SyncFreeLinearCrossEntropy}
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from base.model import GPT, GPTConfig
+from codegpt.base.model import GPT, GPTConfig
 
 
 def test_seed_config_has_the_seeds_parameter_count():

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tasks.mutations import KINDS, mutate
+from codegpt.tasks.mutations import KINDS, mutate
 
 SOURCE = '''def window_sums(values, size):
     """Sums of each run of `size` values."""  # docstring text is never mutated

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from base.checkpoint import load_model
-from base.generate import Sampling, banned_ids, token_steps
-from base.shards import read_index
-from base.tokenizer import Tokenizer
+from codegpt.base.checkpoint import load_model
+from codegpt.base.generate import Sampling, banned_ids, token_steps
+from codegpt.base.data.shards import read_index
+from codegpt.base.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -36,7 +36,7 @@ def data(tmp_path_factory):
     package = Path(sysconfig.get_paths()["stdlib"]) / "email"
     overrides = ["data.source=local", f"data.paths=[{package}]", f"data.shard_dir={shard_dir}",
                  "data.val_fraction=0.2", "data.num_workers=1"]
-    result = subprocess.run([sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", *overrides],
+    result = subprocess.run([sys.executable, "-m", "codegpt.base.data", "recipes/pretrain-tiny.yaml", *overrides],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return overrides

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
-from base.model import GPT, GPTConfig
-from base.quality import complete_lines, parse_rate, parses, validation_loss
-from base.tokenizer import Tokenizer
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.quality import complete_lines, parse_rate, parses, validation_loss
+from codegpt.base.tokenizer import Tokenizer
 
 
 def test_cut_and_parse():

@@ -42,11 +42,16 @@ def test_each_command_reads_only_what_an_earlier_one_made():
     check_commands((ROOT / "README.md").read_text())
 
 
+def is_training(words: list[str]) -> bool:
+    return words[:2] in (["codegpt", "pretrain"], ["codegpt", "sft"]) or \
+        any(w.endswith(("base/pretrain.py", "finetune/sft.py")) for w in words)
+
+
 def check_commands(text: str) -> None:
     made: dict[str, dict] = {}  # run directory -> the recipe that trained it (empty for a merge)
     for words in commands(text):
         line = " ".join(words)
-        if any(w.endswith(("base/pretrain.py", "finetune/sft.py")) for w in words):
+        if is_training(words):
             recipe, changes = recipe_of(words)
             out = run_dir(changes.get("out_dir", recipe["out_dir"]))
             if "base" in recipe:
@@ -56,13 +61,13 @@ def check_commands(text: str) -> None:
                 raise AssertionError(f"{line}: resumes {out} with another model ({', '.join(model_changes)})")
             made[out] = recipe
             continue
-        if "base.data" in words:
+        if words[:2] == ["codegpt", "data"]:
             recipe, changes = recipe_of(words)
             if {"data.source", "data.paths"} & set(changes):
                 assert "data.shard_dir" in changes, f"{line}: another corpus into {recipe['data']['shard_dir']}"
             continue
-        # `python -m finetune.merge ADAPTER OUT`, `python -m base.convert SOURCE OUT`
-        output = words[4] if {"finetune.merge", "base.convert"} & set(words) else None
+        # `codegpt merge ADAPTER OUT`, `codegpt convert SOURCE OUT`
+        output = words[3] if words[:2] in (["codegpt", "merge"], ["codegpt", "convert"]) else None
         for word in words[1:]:
             run = run_dir(word)
             if run and word != output:
@@ -77,6 +82,7 @@ def check_commands(text: str) -> None:
 
 def test_the_reading_finds_the_commands():
     found = [" ".join(words) for words in commands((ROOT / "README.md").read_text())]
-    assert any("python -m serve --model" in line for line in found)
-    assert any("finetune.evaluate checkpoints/bugfix-tiny/final" in line for line in found)
+    assert any("codegpt serve --model" in line for line in found)
+    assert any("codegpt evaluate checkpoints/bugfix-tiny/final" in line for line in found)
     assert any("data.source=files" in line for line in found)
+    assert any(line.startswith("codegpt pretrain recipes/") for line in found)

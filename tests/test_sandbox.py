@@ -3,13 +3,15 @@
 import os
 import re
 import secrets
+import shutil
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-import tasks.sandbox as sandbox
-from tasks.sandbox import Limits, run, run_many
+import codegpt.tasks.sandbox as sandbox
+from codegpt.tasks.sandbox import Limits, run, run_many
 
 LIMITS = Limits(wall_seconds=3, cpu_seconds=3, memory_bytes=512 << 20, output_bytes=64 << 10)
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +82,13 @@ def test_works_from_a_virtual_environment_under_tmp(tmp_path):
     import sys
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    # The editable install's hook, so that this interpreter imports our package as the repository's does.
+    ours = Path(sysconfig.get_paths()["purelib"])
+    theirs = next((tmp_path / "venv/lib").glob("python*/site-packages"))
+    for hook in ours.glob("__editable__*codegpt*"):
+        shutil.copy(hook, theirs)
     result = subprocess.run([str(tmp_path / "venv/bin/python"), "-c",
-                             "from tasks.sandbox import run; print(run('print(6 * 7)').stdout)"],
+                             "from codegpt.tasks.sandbox import run; print(run('print(6 * 7)').stdout)"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "42", result.stderr
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import tasks.sandbox as sandbox
-from tasks.humaneval import check_program, load_problems
-from tasks.sandbox import Limits, run_many
+import codegpt.tasks.sandbox as sandbox
+from codegpt.tasks.humaneval import check_program, load_problems
+from codegpt.tasks.sandbox import Limits, run_many
 
 LIMITS = Limits(wall_seconds=5, cpu_seconds=5, memory_bytes=512 << 20, output_bytes=256 << 10)
 ROOT = Path(__file__).resolve().parent.parent

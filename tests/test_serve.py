@@ -14,10 +14,10 @@ import httpx
 import pytest
 import torch
 
-from base.model import GPT, GPTConfig
-from base.generate import Sampling, generate
-from base.tokenizer import Tokenizer
-from serve.app import Limits, create_app
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.generate import Sampling, generate
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.serve.app import Limits, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

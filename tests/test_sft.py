@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from base.checkpoint import load_model, save_model, weights_hash
-from base.generate import Sampling, generate
-from base.model import GPT, GPTConfig
-from base.tokenizer import Tokenizer
-from finetune.adapter import load_for_inference
-from finetune.packing import PAD_SEGMENT, PackedBatches, encode_example, pack
+from codegpt.base.checkpoint import load_model, save_model
+
+from codegpt.base.provenance import weights_hash
+from codegpt.base.generate import Sampling, generate
+from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.finetune.adapter import load_for_inference
+from codegpt.finetune.packing import PAD_SEGMENT, PackedBatches, encode_example, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -82,7 +84,8 @@ def test_full_fine_tuning_is_one_switch(setup):
 
 def test_two_ddp_ranks_match_one_process(setup):
     root, overrides = setup
-    common = [*overrides, "train.max_steps=2", "train.eval_interval=100"]
+    # Micro-batches of 2: the 7 validation rows hold a batch for each of two ranks.
+    common = [*overrides, "train.max_steps=2", "train.eval_interval=100", "train.micro_batch_size=2"]
     one = sft(*common, f"out_dir={root / 'one'}")
     two = sft(*common, f"out_dir={root / 'two'}", launcher=TWO_RANKS, env={"ACCELERATE_USE_CPU": "1"})
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -98,7 +101,7 @@ def test_merged_model_samples_the_same_greedy_tokens(setup, tmp_path):
     root, overrides = setup
     out = root / "merge-source"
     assert sft(*overrides, f"out_dir={out}", "train.max_steps=2", "lora.r=4").returncode == 0
-    merged = subprocess.run([sys.executable, "-m", "finetune.merge", str(out / "final"), str(tmp_path / "merged")],
+    merged = subprocess.run([sys.executable, "-m", "codegpt.finetune.merge", str(out / "final"), str(tmp_path / "merged")],
                             capture_output=True, text=True, cwd=ROOT)
     assert merged.returncode == 0, merged.stderr
     plain = load_model(tmp_path / "merged")  # no LoRA code involved
@@ -127,7 +130,7 @@ def test_adapter_on_another_base_is_refused(setup, tmp_path):
     assert sft(*overrides, f"out_dir={out}", "train.max_steps=1").returncode == 0
     torch.manual_seed(1)
     save_model(tmp_path / "other", GPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=32)))
-    result = subprocess.run([sys.executable, "-m", "finetune.sample", str(tmp_path / "other"), "--adapter",
+    result = subprocess.run([sys.executable, "-m", "codegpt.finetune.sample", str(tmp_path / "other"), "--adapter",
                              str(out / "final")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "trained on another base" in result.stderr
 
@@ -151,9 +154,9 @@ def test_lora_initial_weights_follow_train_seed(setup):
     """lora_B starts at zero, so lora_A gets no gradient on the first step (and the tiny recipe has
     no weight decay): after one step the adapter's A is still its initialisation, which must be
     the one train.seed draws."""
-    from base.config import load_recipe
-    from finetune.lora import apply_lora, lora_layers
-    from finetune.recipe import SFTRecipe
+    from codegpt.base.recipe_loader import load_recipe
+    from codegpt.finetune.lora import apply_lora, lora_layers
+    from codegpt.finetune.recipe import SFTRecipe
 
     root, overrides = setup
     drawn = {}
@@ -179,13 +182,13 @@ def test_an_adapter_finds_its_base_from_any_working_directory(setup, tmp_path):
                f"out_dir={out}", "train.max_steps=1"]
     trained = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
     assert trained.returncode == 0, trained.stderr
-    sampled = subprocess.run([sys.executable, "-m", "finetune.sample", str(out / "final"), "--max-new-tokens", "2"],
+    sampled = subprocess.run([sys.executable, "-m", "codegpt.finetune.sample", str(out / "final"), "--max-new-tokens", "2"],
                              capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert sampled.returncode == 0, sampled.stderr
 
 
 def merge(*args):
-    return subprocess.run([sys.executable, "-m", "finetune.merge", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "codegpt.finetune.merge", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT)
 
 
@@ -239,7 +242,7 @@ def test_the_docstring_task_in_infill_form_trains_an_adapter_that_says_it_infill
     model, _ = load_for_inference(out / "final")
     assert model.config.fim and not load_model(root / "base").config.fim
     report = tmp_path / "eval.json"
-    evaluated = subprocess.run([sys.executable, "-m", "finetune.evaluate", str(out / "final"), "--benchmark", "examples",
+    evaluated = subprocess.run([sys.executable, "-m", "codegpt.finetune.evaluate", str(out / "final"), "--benchmark", "examples",
                                 "--examples", str(root / "data/val.jsonl"), "--infill", "--limit", "2",
                                 "--max-new-tokens", "8", "--out", str(report)], capture_output=True, text=True, cwd=ROOT)
     assert evaluated.returncode == 0, evaluated.stderr

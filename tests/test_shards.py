@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from base.config import load_recipe
-from base.corpus import FilterReport, filtered, local_documents
-from base.data import ensure_shards
-from base.errors import UserError
-from base.recipe import DataConfig, PretrainRecipe
-from base.shards import build_shards, in_val, read_index, shards_ready
-from base.tokenizer import Tokenizer
+from codegpt.base.recipe_loader import load_recipe
+from codegpt.base.data.corpus import FilterReport, filtered, local_documents
+from codegpt.base.data.build import ensure_shards
+from codegpt.base.errors import UserError
+from codegpt.base.recipe import DataConfig, PretrainRecipe
+from codegpt.base.data.shards import build_shards, in_val, read_index, shards_ready
+from codegpt.base.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -124,11 +124,11 @@ def test_caps_stop_the_build(tmp_path, tokenizer):
 
 
 def test_parallel_tokenization_gives_the_same_shards(tmp_path, tokenizer, monkeypatch):
-    import base.shards
+    from codegpt.base.data import shards as shards_module
 
     corpus = stdlib_sample(tmp_path)
     build_shards(config_for(corpus, tmp_path / "one", num_workers=1), tokenizer, tmp_path / "one")
-    monkeypatch.setattr(base.shards, "CHUNK_CHARS", 20_000)  # many chunks in flight on each worker
+    monkeypatch.setattr(shards_module, "CHUNK_CHARS", 20_000)  # many chunks in flight on each worker
     build_shards(config_for(corpus, tmp_path / "two", num_workers=2), tokenizer, tmp_path / "two")
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
 
@@ -218,11 +218,11 @@ def test_a_sigkilled_build_restarts_and_ends_identical(tmp_path, tokenizer):
     assert all((killed / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
 
 
-# `python -m base.data`, sleeping after each finished shard so that the kill lands mid-build.
+# `codegpt data`, sleeping after each finished shard so that the kill lands mid-build.
 SLOW_BUILD = """
 import sys, time
-import base.shards as shards
-from base.data import main
+import codegpt.base.data.shards as shards
+from codegpt.base.data.build import main
 write = shards._Shard.write
 def slow(*args):
     meta = write(*args)
@@ -235,7 +235,7 @@ main(["recipes/pretrain-tiny.yaml", *sys.argv[1:]])
 
 def test_data_command_reports_counts_and_reuse(tmp_path):
     corpus = stdlib_sample(tmp_path, count=10)
-    command = [sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", "data.source=local",
+    command = [sys.executable, "-m", "codegpt.base.data", "recipes/pretrain-tiny.yaml", "data.source=local",
                f"data.paths=[{corpus}]", f"data.shard_dir={tmp_path / 's'}", "data.num_workers=1"]
     first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr
@@ -247,7 +247,7 @@ def test_data_command_reports_counts_and_reuse(tmp_path):
     assert f"train: {train['documents']:,} documents, {train['tokens']:,} tokens" in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert "up to date" in again.stdout and "building" not in again.stdout and "dropped: duplicate" in again.stdout
-    missing = subprocess.run([sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml",
+    missing = subprocess.run([sys.executable, "-m", "codegpt.base.data", "recipes/pretrain-tiny.yaml",
                               f"data.paths=[{tmp_path / 'nope'}]", f"data.shard_dir={tmp_path / 't'}"],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2
@@ -264,7 +264,7 @@ def test_a_directory_holding_other_files_is_refused_and_left_as_it_was(tmp_path,
         (shard_dir / name).write_text(text)
     with pytest.raises(UserError, match=rf"^{re.escape(str(shard_dir))}: holds \.mine\.tmp, which no shard build made"):
         build_shards(config_for(corpus, shard_dir), tokenizer, shard_dir)
-    command = [sys.executable, "-m", "base.data", "recipes/pretrain-tiny.yaml", "data.source=local",
+    command = [sys.executable, "-m", "codegpt.base.data", "recipes/pretrain-tiny.yaml", "data.source=local",
                f"data.paths=[{corpus}]", f"data.shard_dir={shard_dir}", "data.num_workers=1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {shard_dir}: holds ")

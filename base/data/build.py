@@ -1,6 +1,6 @@
 """Build the token shards of a recipe's `data` section.
 
-    python -m base.data recipes/pretrain-tiny.yaml [section.key=value ...]
+    codegpt data recipes/pretrain-tiny.yaml [section.key=value ...]
 
 Pretraining calls `ensure_shards` itself, so running this first is optional.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from base.config import load_recipe, split_cli_args
-from base.corpus import FilterReport
-from base.errors import cli_entry
-from base.recipe import DataConfig, PretrainRecipe
-from base.shards import build_shards, read_index, shards_ready
-from base.tokenizer import Tokenizer
+from codegpt.base.recipe_loader import load_recipe, split_cli_args
+from codegpt.base.data.corpus import FilterReport
+from codegpt.base.errors import cli_entry
+from codegpt.base.recipe import DataConfig, PretrainRecipe
+from codegpt.base.data.shards import build_shards, read_index, shards_ready
+from codegpt.base.tokenizer import Tokenizer
 
-USAGE = "usage: python -m base.data [recipe.yaml] [data.key=value ...]"
+USAGE = "usage: codegpt data [recipe.yaml] [data.key=value ...]"
 
 
 def ensure_shards(config: DataConfig, tokenizer: Tokenizer) -> Path:
@@ -45,7 +45,3 @@ def main(argv: list[str] | None = None) -> None:
         describe(read_index(Path(recipe.data.shard_dir)))
     shard_dir = ensure_shards(recipe.data, tokenizer)
     print(f"shards ready in {shard_dir} (tokenizer {read_index(shard_dir)['tokenizer']})")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Sample-quality report of any model: the share of samples that parse, and two of them.
 
-    python -m finetune.quality checkpoints/pretrain-cpu/final [--adapter DIR] [-k 20] [--show 2]
+    codegpt quality checkpoints/pretrain-cpu/final [--adapter DIR] [-k 20] [--show 2]
                                [--shards data/shards/stdlib-all]
 
 With --shards, also the validation loss and perplexity over every window of that split's held-out files.
@@ -13,10 +13,10 @@ import json
 
 from accelerate import PartialState
 
-from base.errors import ArgumentParser, cli_entry, positive_int
-from base.quality import describe, parse_rate, validation_loss
-from base.tokenizer import Tokenizer
-from finetune.adapter import load_for_inference
+from codegpt.base.errors import ArgumentParser, cli_entry, positive_int
+from codegpt.base.quality import describe, parse_rate, validation_loss
+from codegpt.base.tokenizer import Tokenizer
+from codegpt.finetune.adapter import load_for_inference
 
 
 @cli_entry

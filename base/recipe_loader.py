@@ -18,20 +18,11 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-from base.errors import UserError
-from base.fileio import atomic_write_text
+from codegpt.base.errors import InvalidValue, UserError
+from codegpt.base.fileio import atomic_write_text
 
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
-
-
-class InvalidValue(Exception):
-    """Raised by a recipe dataclass's `validate()`: `key` is relative to that dataclass."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-        self.message = message
 
 
 class _Where:

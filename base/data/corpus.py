@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from base.errors import UserError
+from codegpt.base.errors import UserError
 
 CODEPARROT = {"train": "codeparrot/codeparrot-clean", "val": "codeparrot/codeparrot-clean-valid"}
 MAX_FILE_BYTES = 1 << 20

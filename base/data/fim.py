@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from base.tokenizer import EOT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
+from codegpt.base.tokenizer import EOT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
 
 
 @dataclass(frozen=True)

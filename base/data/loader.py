@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from base.errors import UserError
-from base.fim import Fim, fim_window, window_rng
-from base.shards import read_index
+from codegpt.base.errors import UserError
+from codegpt.base.data.fim import Fim, fim_window, window_rng
+from codegpt.base.data.shards import read_index
 
 
 class BatchLoader:
@@ -28,7 +28,7 @@ class BatchLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, fim: Fim | None = None):
         index = read_index(Path(shard_dir))
         if index is None:
-            raise UserError(f"{shard_dir}: no token shards (build them with `python -m base.data <recipe>`)")
+            raise UserError(f"{shard_dir}: no token shards (build them with `codegpt data <recipe>`)")
         self.block_size, self.batch, self.rank, self.world = block_size, micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.fim = seed, shuffle, fim
         self.shards, self.first_window = [], [0]
@@ -44,6 +44,10 @@ class BatchLoader:
                             "or lower model.block_size")
         self.cursor = 0  # windows handed out so far, over all epochs and ranks
         self._order_epoch, self._order = -1, None
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.num_windows
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._order_epoch:

@@ -1,0 +1,42 @@
+"""What several test files share: tiny model configs, an in-memory batch source, metrics readers."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from codegpt.base.model import GPTConfig
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    settings = dict(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+    settings.update(overrides)
+    return GPTConfig(**settings)
+
+
+class ListBatches:
+    """Windows of a fixed random token table, in order, with a saveable cursor."""
+
+    def __init__(self, seed, rows=64, block=32, batch=4):
+        self.table = torch.randint(0, 512, (rows, block + 1), generator=torch.Generator().manual_seed(seed))
+        self.cursor, self.batch = 0, batch
+
+    def next_batch(self):
+        rows = self.table[torch.arange(self.cursor, self.cursor + self.batch) % len(self.table)]
+        self.cursor += self.batch
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def losses(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(record):
+    """A metrics line without its timings."""
+    return {k: v for k, v in record.items() if k not in ("tokens_per_s", "step_s")}
