@@ -15,6 +15,17 @@ from codegpt.base.footprint import memory_problem
 from codegpt.base.model import GPTConfig
 
 
+def validate_source(source: str, paths: list[str]) -> None:
+    """A corpus's `source` and `paths` (shared by pretraining data and task data): files need a
+    file, and every local path must exist."""
+    if source == "files" and not paths:
+        raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
+    if source != "codeparrot":
+        for path in paths:
+            if not os.path.exists(os.path.expanduser(path)):
+                raise InvalidValue("paths", f"{path} does not exist")
+
+
 @dataclass
 class DataConfig:
     """Which documents to train on and where their token shards live."""
@@ -52,12 +63,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InvalidValue(name, f"must be positive, got {value}")
-        if self.source == "files" and not self.paths:
-            raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
-        if self.source != "codeparrot":
-            for path in self.paths:
-                if not os.path.exists(os.path.expanduser(path)):
-                    raise InvalidValue("paths", f"{path} does not exist")
+        validate_source(self.source, self.paths)
 
 
 @dataclass

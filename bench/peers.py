@@ -26,11 +26,11 @@ import tempfile
 import torch
 
 from codegpt.base.convert import export_hf
-from codegpt.base.decode_head import has_fast_bf16
+from codegpt.base.decode_head import has_fast_bf16, has_int8_engine
 from codegpt.base.generate import Sampling, banned_ids, token_steps
 from codegpt.base.model import GPT, GPTConfig
 from codegpt.base.tokenizer import Tokenizer
-from bench.common import flops_per_token, hf_gpt2, matmul_peak, peak_rss_mib, summary, timed
+from bench.common import cpu_name, flops_per_token, hf_gpt2, matmul_peak, peak_rss_mib, summary, timed
 
 CONFIG = GPTConfig(dropout=0.0)
 
@@ -172,14 +172,16 @@ def main() -> None:
     # e. efficiency against this machine's own limits
     peak = matmul_peak("cpu")
     mfu = train_tps * flops_per_token(CONFIG) / peak
-    # What one decode step reads: fp32 weights, but the head in bf16 where decoding ranks with it.
+    # What one decode step reads: fp32 weights, but the head in the ranking copy's precision
+    # (base/decode_head.py: int8, else bf16 where it is fast, else the fp32 head itself).
     head_params = CONFIG.vocab_size * CONFIG.n_embd
-    head_bytes = 2 if has_fast_bf16(torch.device("cpu")) else 4
+    head_bytes = 1 if has_int8_engine() else 2 if has_fast_bf16(torch.device("cpu")) else 4
     weight_bytes = (GPT(CONFIG).num_params() - head_params) * 4 + head_params * head_bytes
     bound = copy_bandwidth() / weight_bytes
 
     print(f"CodeGPT-70M vs transformers {__import__('transformers').__version__} / peft {__import__('peft').__version__}, "
-          f"CPU, {torch.get_num_threads()} threads, fp32, {args.rounds} rounds (median, spread)")
+          f"CPU ({cpu_name()}, torch capability {torch.backends.cpu.get_cpu_capability()}), "
+          f"{torch.get_num_threads()} threads, fp32, {args.rounds} rounds (median, spread)")
     print(f"{'measure':<40}{'CodeGPT':>18}{'HF / peft':>18}{'ratio':>8}{'target':>10}")
     for name, a, b, ratio, target in rows:
         print(f"{name:<40}{a['median']:>11,.1f} ±{a['spread']:<5.1f}{b['median']:>11,.1f} ±{b['spread']:<5.1f}"
@@ -188,7 +190,7 @@ def main() -> None:
     print(f"greedy decode tokens: {agreement}")
     print(f"greedy decode: {decode_tps:.1f} tokens/s = {decode_tps / bound:.0%} of the bandwidth bound "
           f"({bound:.1f} tokens/s: {weight_bytes / 1e6:.0f} MB of weights per token, the head in "
-          f"{'bf16' if head_bytes == 2 else 'fp32'}, over a measured copy bandwidth)")
+          f"{ {1: 'int8', 2: 'bf16', 4: 'fp32'}[head_bytes]}, over a measured copy bandwidth)")
 
 
 if __name__ == "__main__":

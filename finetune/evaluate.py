@@ -41,15 +41,19 @@ from codegpt.tasks.registry import TASKS, task_of, unknown_task
 from codegpt.tasks.sandbox import isolation
 
 
+def n_samples(model, tokenizer, prompt: str, suffix: str | None, sampling: Sampling, n: int, batch_size: int) -> list[str]:
+    """n completions of one prompt (middles, with a suffix), `batch_size` rows at a time, each
+    batch seeded apart so that a seeded run's samples differ."""
+    outputs = []
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
+        outputs += generate(model, tokenizer, [prompt] * rows, seeded, [suffix] * rows)
+    return outputs
+
+
 def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size: int) -> dict:
-    samples = {}
-    for problem in problems:
-        outputs = []
-        for start in range(0, n, batch_size):
-            rows = min(batch_size, n - start)
-            seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
-            outputs += generate(model, tokenizer, [problem.prompt] * rows, seeded)
-        samples[problem.task_id] = outputs
+    samples = {p.task_id: n_samples(model, tokenizer, p.prompt, None, sampling, n, batch_size) for p in problems}
     result = score_humaneval(problems, samples)
     result["samples"] = samples
     return result
@@ -58,14 +62,8 @@ def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size
 def infill(model, tokenizer, benchmark: str, limit: int | None, sampling: Sampling, n: int, batch_size: int) -> dict:
     """Every hole (or a sample of `limit`): n middles each, given the code before and after it."""
     items = infill_problems(benchmark, limit=limit)
-    samples = {}
-    for item in items:
-        outputs = []
-        for start in range(0, n, batch_size):
-            rows = min(batch_size, n - start)
-            seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
-            outputs += generate(model, tokenizer, [item.prefix] * rows, seeded, [item.suffix] * rows)
-        samples[item.task_id] = outputs
+    samples = {item.task_id: n_samples(model, tokenizer, item.prefix, item.suffix, sampling, n, batch_size)
+               for item in items}
     result = score_infill(items, samples)
     result["samples"] = samples
     return result

@@ -13,7 +13,6 @@ so the benchmark does not measure memorisation.
 from __future__ import annotations
 
 import ast
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from functools import lru_cache
 from typing import Iterable, Iterator, Literal
 
 from codegpt.base.errors import InvalidValue
+from codegpt.base.recipe import validate_source
 from codegpt.base.data.corpus import content_hash
 from codegpt.tasks.extract_functions import Function
 from codegpt.tasks.humaneval import STOP as HUMANEVAL_STOP
@@ -159,9 +159,4 @@ class TaskConfig:
             raise InvalidValue("max_chars", f"must be positive, got {self.max_chars}")
         if self.format == "infill" and self.name != "docstring":
             raise InvalidValue("format", f"infill is a form of the docstring task, not of {self.name}")
-        if self.source == "files" and not self.paths:
-            raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
-        if self.source != "codeparrot":
-            for path in self.paths:
-                if not os.path.exists(os.path.expanduser(path)):
-                    raise InvalidValue("paths", f"{path} does not exist")
+        validate_source(self.source, self.paths)

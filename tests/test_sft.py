@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
                  f"task.paths=[{Path(json_package.__file__).parent}, {Path(email.__file__).parent}]",
                  "task.val_fraction=0.2", "task.max_chars=600", "block_size=128", "train.micro_batch_size=4",
                  "train.batch_tokens=1024", "train.warmup_steps=1", "train.eval_interval=2", "train.eval_tokens=512",
-                 "train.checkpoint_interval=2", "log.log_interval=1"]
+                 "train.checkpoint_interval=2", "log.log_interval=1", "train.time_budget_minutes=null"]
     return root, overrides
 
 
