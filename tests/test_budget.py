@@ -16,8 +16,8 @@ from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 def test_plan_fits_steps_and_evaluations_in_what_is_left():
     # 60 s left at step 4: steps of 1 s, evaluations of 5 s every 10 steps and one at the end.
-    plan = budget.plan(1.5, 30.0, 4, [9.0, 1.0, 1.0, 1.0], 5.0, 10, cap=1000)
-    assert plan.step_s == 1.0  # the first step (page faults, lazy set-up) is left out
+    plan = budget.plan(1.5, 30.0, 4, [9.0, 3.0, 1.0, 1.0], 5.0, 10, cap=1000)
+    assert plan.step_s == 1.0  # the first half of the probe (cold pages, lazy set-up) is left out
     # To step 40: 36 steps + evaluations at 10, 20, 30 and 40 (the last one) = 36 + 20 = 56 s. To 41:
     # 37 + 5 evaluations (the final one at 41) = 62 s, past the 60 left.
     assert plan.max_steps == 40
