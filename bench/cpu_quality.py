@@ -3,7 +3,7 @@
 Runs `recipes/pretrain-cpu.yaml` (or the recipe given, with key=value overrides) from scratch
 through `accelerate launch` on one process and every core, times it, then measures the final model:
 validation loss and perplexity over every window of the held-out files, and how many of 20
-samples parse. Prints them next to issue 9's reference (a nanoGPT-style 4x128 model trained for
+samples parse. Prints them, and the CPU, next to issue 9's reference (a nanoGPT-style 4x128 model trained for
 the same 12.5 minutes on this machine) and the targets.
 
     .venv/bin/python -m bench.cpu_quality                                     # the 12.5-minute budget
@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from codegpt.base.checkpoint import load_model
 from codegpt.base.recipe_loader import load_recipe, split_cli_args
 from codegpt.base.data.build import ensure_shards
@@ -27,9 +29,11 @@ from codegpt.base.errors import cli_entry
 from codegpt.base.quality import describe, parse_rate, validation_loss
 from codegpt.base.recipe import PretrainRecipe
 from codegpt.base.tokenizer import Tokenizer
+from bench.common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
-# Issue 9's measurement on this machine, quoted (re-running it needs nanoGPT's own code).
+# Issue 9's measurement, quoted (re-running it needs nanoGPT's own code); on our split the same
+# configuration scored 6.59 (README, "Quality at a CPU budget").
 REFERENCE = {"tokens": 356_000, "tok_s": 491, "val_loss": 5.63, "perplexity": 279, "parsable": 0}
 
 
@@ -71,7 +75,8 @@ def main() -> None:
     for name, row in (("issue 9 reference (nanoGPT-style 4x128, 12.5 min)", REFERENCE), ("this run", ours)):
         print(f"| {name} | {row['tokens']:,} | {row['tok_s']:,.0f} | {row['val_loss']:.2f} | {row['perplexity']:,.0f} | "
               f"{row['parsable']} |")
-    print("\ntargets at 12.5 min: val loss <= 4.5 and >= 5 of 20 parse; after one CPU-hour >= 10 of 20\n")
+    print(f"\nCPU: {cpu_name()}, torch capability {torch.backends.cpu.get_cpu_capability()}")
+    print("target at the 12.5-minute budget on a 2-core AVX2 CPU: val loss <= 5.0\n")
     print(describe(report))
 
 

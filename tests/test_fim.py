@@ -3,16 +3,20 @@ orders, windows that keep their length, draws fixed by the seed and the position
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from codegpt.base.data.fim import FimTokens, fim_window, rearrange, window_rng
-from codegpt.base.recipe import DataConfig
+from codegpt.base.errors import UserError
+from codegpt.base.recipe import DataConfig, PretrainRecipe
+from codegpt.base.recipe_loader import load_recipe
 from codegpt.base.data.shards import build_hash
 from codegpt.base.tokenizer import Tokenizer
 
 TOKENS = FimTokens.of(Tokenizer())
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def restore(rearranged: np.ndarray) -> list[int]:
@@ -88,3 +92,9 @@ def test_the_draws_are_fixed_by_the_seed_and_the_position():
 def test_the_rates_are_not_part_of_what_the_shards_depend_on():
     plain = DataConfig(source="local")
     assert build_hash(plain, "cl100k_base") == build_hash(replace(plain, fim_rate=0.5, fim_spm_rate=0.1), "cl100k_base")
+
+
+@pytest.mark.parametrize("key, value", [("fim_rate", "1.5"), ("fim_rate", "-0.1"), ("fim_spm_rate", "2")])
+def test_a_rate_outside_zero_to_one_is_a_recipe_error_naming_the_key(key, value):
+    with pytest.raises(UserError, match=rf"^<command line>: data\.{key}: must be in \[0, 1\], got {value}"):
+        load_recipe(PretrainRecipe, ROOT / "recipes/pretrain-tiny.yaml", [f"data.{key}={value}"])
