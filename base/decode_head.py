@@ -31,8 +31,11 @@ Ranker = Callable[[torch.Tensor], torch.Tensor]
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """True where a bf16 matrix-vector product runs at memory speed: CPUs with AVX512-BF16."""
-    return device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    """True where a bf16 matrix-vector product runs at memory speed: CPUs with AVX512-BF16, with
+    PyTorch's kernels allowed to use AVX-512 (ATEN_CPU_CAPABILITY=avx2 keeps them off it, and bf16
+    is then emulated)."""
+    return (device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
 def has_int8_engine() -> bool:

@@ -149,3 +149,13 @@ def test_the_ranking_copy_is_built_once_and_rebuilt_when_the_weight_changes():
     with torch.no_grad():
         weight.add_(1.0)
     assert first is None or decode_head.ranker_for(weight) is not first
+
+
+@pytest.mark.parametrize("capability, fast", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_bf16_counts_as_fast_only_where_pytorch_may_use_avx512(monkeypatch, capability, fast):
+    # A CPU with AVX512-BF16 run as ATEN_CPU_CAPABILITY=avx2 (how an AVX2 machine is approximated)
+    # emulates bf16, some 100x slower than fp32: the benchmarks must not pick it there.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert decode_head.has_fast_bf16(torch.device("cpu")) is fast
+    assert not decode_head.has_fast_bf16(torch.device("meta"))
