@@ -98,3 +98,15 @@ def test_the_rates_are_not_part_of_what_the_shards_depend_on():
 def test_a_rate_outside_zero_to_one_is_a_recipe_error_naming_the_key(key, value):
     with pytest.raises(UserError, match=rf"^<command line>: data\.{key}: must be in \[0, 1\], got {value}"):
         load_recipe(PretrainRecipe, ROOT / "recipes/pretrain-tiny.yaml", [f"data.{key}={value}"])
+
+
+def test_the_middle_loss_benchmark_scores_exactly_the_middle_tokens():
+    from bench.fim_quality import middle_targets
+
+    prefix, middle, suffix = [11, 12], [21, 22, 23, 24, 25, 26], [31]
+    window = np.array([TOKENS.prefix, *prefix, TOKENS.suffix, *suffix, TOKENS.middle, *middle, TOKENS.eot,
+                       TOKENS.prefix, 41, TOKENS.suffix, 42, TOKENS.middle, 43, 44])
+    targets = middle_targets(window, TOKENS)  # targets[i] is the label of input window[i]
+    assert [int(t) for t in targets if t != -100] == [*middle, 43, 44]
+    assert targets[list(window).index(TOKENS.middle)] == 21  # the first middle token, after <|fim_middle|>
+    assert [int(t) for t in middle_targets(window, TOKENS, first=2) if t != -100] == [21, 22, 43, 44]
