@@ -34,17 +34,26 @@ IGNORE_INDEX = -100
 # the vocabulary: a 6 x 128 model's train step on 2 cores ran at 1,896 / 2,390 / 2,284 tokens/s
 # with 512 / 256 / 128-row chunks over 40,945 ids (AVX2), 2,585 / 2,735 / 2,782 (AVX-512), and
 # over 100,352 ids the head took 185 / 192 / 177 ms per 512 positions at 128 / 512 / 1024 rows.
+# Under bf16 autocast every chunk also makes a vocab x n_embd temporary for the weight gradient
+# (a bf16 product cannot be accumulated into the float32 gradient in place), a cost per chunk
+# whatever its rows, so the chunks are LOW_PRECISION_CHUNK_FACTOR times larger: the 70M model's
+# step ran at 311 / 401 / 424 / 431 tokens/s with 128 / 256 / 512 / 2048-row chunks (AMX Xeon);
+# in float32 at 330 / 339 / 335 with 128 / 512 / 1024.
 # On a GPU a chunk is a matrix product of its own and larger ones keep the tensor cores busy;
 # 2048 rows x 100,352 is 0.4 GB of bf16 logits (0.8 GB in flight with the gradient), so a
 # 16 x 1024 micro-batch of the 70M model is 8 chunks.
 CPU_CHUNK_BYTES = 40 << 20
+LOW_PRECISION_CHUNK_FACTOR = 4
 GPU_CHUNK_ROWS = 2048
 
 
-def cpu_chunk_rows(vocab: int) -> int:
-    """The power of two nearest to CPU_CHUNK_BYTES of float32 logits per chunk, in [64, 4096]."""
+def cpu_chunk_rows(vocab: int, head_dtype: torch.dtype = torch.float32) -> int:
+    """The power of two nearest to CPU_CHUNK_BYTES of float32 logits per chunk (times
+    LOW_PRECISION_CHUNK_FACTOR when the head runs below float32), in [64, 4096]."""
     rows = CPU_CHUNK_BYTES / (4 * vocab)
-    return min(4096, max(64, 1 << round(math.log2(rows))))
+    if head_dtype.itemsize < 4:
+        rows *= LOW_PRECISION_CHUNK_FACTOR
+    return 1 << min(12, max(6, round(math.log2(rows))))
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -55,7 +64,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     autograd's matmul would; the loss and the softmax are always float32. `chunk_rows` overrides
     the device's chunk size (tests use it to cross chunk boundaries)."""
     on_cpu_eager = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    rows = chunk_rows or (cpu_chunk_rows(weight.shape[0]) if on_cpu_eager else GPU_CHUNK_ROWS)
+    rows = chunk_rows or (cpu_chunk_rows(weight.shape[0], _head_dtype(x)) if on_cpu_eager else GPU_CHUNK_ROWS)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _chunked_loss_without_grad(x, weight, targets, rows)
     if on_cpu_eager:

@@ -168,3 +168,12 @@ def test_a_softmax_over_the_active_ids_equals_the_full_softmax_with_the_others_r
     torch.testing.assert_close(loss, reference)
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_cpu_chunks_hold_about_40_mb_of_logits_and_grow_under_a_low_precision_head():
+    from codegpt.base.loss import cpu_chunk_rows
+
+    assert cpu_chunk_rows(100_352) == 128 and cpu_chunk_rows(40_945) == 256
+    # Under bf16 each chunk costs a vocab x n_embd temporary whatever its rows: fewer, larger ones.
+    assert cpu_chunk_rows(100_352, torch.bfloat16) == 4 * cpu_chunk_rows(100_352)
+    assert cpu_chunk_rows(10, torch.bfloat16) == 4096 and cpu_chunk_rows(10**9) == 64
