@@ -48,7 +48,7 @@ class DataConfig:
     # model's FLOPs. The model records them (model.active_vocab, its active_ids) and never
     # predicts another id.
     vocab_subset: bool = False
-    # Fill-in-the-middle (base/fim.py): the share of training documents rearranged as PSM or SPM
+    # Fill-in-the-middle (base/data/fim.py): the share of training documents rearranged as PSM or SPM
     # when loaded, and the share of those in SPM order. Validation stays left to right.
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5

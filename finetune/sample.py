@@ -8,7 +8,7 @@
 
 The model is a base (ours, a nanoGPT .pt or a Hugging Face GPT-2 directory), a merged model, or
 a base plus --adapter; an adapter directory given as the model brings its own base. The sampling
-options are those of base/generate.py; with --task-examples the prompts are a task's val examples, each followed by its
+options set base/generate.py's `Sampling`; with --task-examples the prompts are a task's val examples, each followed by its
 reference completion for comparison, and the task's stop strings apply unless --stop is given.
 With --suffix (or a --file holding the hole marker once) the model fills the hole between the
 prompt and the suffix (fill-in-the-middle), writing prefix, middle and suffix; a model not trained
@@ -78,29 +78,28 @@ HOLE = "<FILL-HERE>"
 
 
 def read_prompts(args: argparse.Namespace) -> tuple[list[str], str | None]:
-    """([prompt], suffix or None) from --prompt/--suffix or --file (with --hole marking a hole)."""
-    if args.file:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as err:
-            raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
-        except UnicodeDecodeError as err:
-            raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
-        hole = getattr(args, "hole", None)
-        if hole is None or hole not in text:
-            if getattr(args, "suffix", None) is not None:
-                raise UserError(f"{args.file}: no hole marker {hole} in the file (--suffix needs the file to mark "
-                                "where the code before the hole ends)")
-            return [text], None
-        if text.count(hole) > 1:
-            line = text[: text.index(hole, text.index(hole) + 1)].count("\n") + 1
-            raise UserError(f"{args.file}:{line}: a second hole marker {hole} (fill one hole at a time)")
-        prefix, suffix = text.split(hole)
-        return [prefix], suffix
-    unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
-    suffix = getattr(args, "suffix", None)
-    return [unescape(args.prompt)], None if suffix is None else unescape(suffix)
+    """([prompt], suffix or None) from --prompt/--suffix, or from --file (where --hole marks a hole)."""
+    if not args.file:
+        unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
+        return [unescape(args.prompt)], None if args.suffix is None else unescape(args.suffix)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise UserError(f"{args.file}: cannot read prompt file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{args.file}: the prompt file is not UTF-8 text (byte {err.start})") from None
+    holes = text.count(args.hole)
+    if holes == 0:
+        if args.suffix is not None:
+            raise UserError(f"{args.file}: no hole marker {args.hole} in the file (--suffix needs the file to mark "
+                            "where the code before the hole ends)")
+        return [text], None
+    if holes > 1:
+        line = text[: text.index(args.hole, text.index(args.hole) + 1)].count("\n") + 1
+        raise UserError(f"{args.file}:{line}: a second hole marker {args.hole} (fill one hole at a time)")
+    prefix, suffix = text.split(args.hole)
+    return [prefix], suffix
 
 
 @cli_entry
@@ -118,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples per prompt, or task examples")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
+    if not args.hole:
+        parser.error("--hole: must not be empty")
     sampling = sampling_from_args(args)
     # Read before the model loads, so a bad file is reported at once.
     examples = read_jsonl(args.task_examples, check=unknown_task)[: args.num_samples] if args.task_examples else None

@@ -39,9 +39,10 @@ def describe(index: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     path, overrides = split_cli_args(sys.argv[1:] if argv is None else argv, USAGE)
     recipe = load_recipe(PretrainRecipe, path, overrides)
-    tokenizer = Tokenizer()
-    if shards_ready(recipe.data, tokenizer, Path(recipe.data.shard_dir)):
-        print(f"token shards in {recipe.data.shard_dir} are up to date (same inputs and settings)")
-        describe(read_index(Path(recipe.data.shard_dir)))
-    shard_dir = ensure_shards(recipe.data, tokenizer)
+    tokenizer, shard_dir = Tokenizer(), Path(recipe.data.shard_dir)
+    if shards_ready(recipe.data, tokenizer, shard_dir):
+        print(f"token shards in {shard_dir} are up to date (same inputs and settings)")
+        describe(read_index(shard_dir))
+    else:
+        ensure_shards(recipe.data, tokenizer)
     print(f"shards ready in {shard_dir} (tokenizer {read_index(shard_dir)['tokenizer']})")

@@ -11,7 +11,7 @@ the stripped content, and drops for the longest line over 1000 characters, mean 
 100, alphanumeric fraction under 0.25, or an auto-generated notice in the first 5 lines. Files
 that cannot be documents (unreadable, broken links, binary, not UTF-8, empty, huge) are skipped.
 Sources and filters count each drop in a `FilterReport` the moment they read it, so a reader that
-runs ahead (base/shards.py) can tie every drop to the document that follows it.
+runs ahead (base/data/shards.py) can tie every drop to the document that follows it.
 """
 
 from __future__ import annotations

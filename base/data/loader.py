@@ -6,7 +6,7 @@ seed and the epoch. A global cursor counts windows handed out to all processes: 
 rank r takes the r-th slice of the next `world_size * micro_batch_size` windows. So one
 optimizer step sees the same windows whatever the number of processes, and the cursor saved in
 a checkpoint resumes on any number of processes. With `fim`, each window's documents are turned
-into fill-in-the-middle examples as it is loaded (base/fim.py), drawn from the seed and the
+into fill-in-the-middle examples as it is loaded (base/data/fim.py), drawn from the seed and the
 window's global position: the same on any number of processes and after a resume.
 """
 
