@@ -293,6 +293,14 @@ class Trainer:
                 raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
                                 "are for the run's value: keep it, or start over with train.resume=false or "
                                 "another out_dir)")
+        # A budget is timed inside the warm-up: a run already past it with no plan cannot take one.
+        step = json.loads((checkpoint_dirs(self.out_dir)[-1] / TRAINER_FILE).read_text())["step"]
+        if (self.train.time_budget_minutes is not None and budget.read_plan(self.out_dir) is None
+                and step >= self.train.warmup_steps):
+            raise UserError(f"train.time_budget_minutes: the run in {self.out_dir} is at step {step}, past its "
+                            f"{self.train.warmup_steps} warm-up steps, and has no budget plan ({budget.BUDGET_FILE}); "
+                            "a budget times warm-up steps: resume without it, or start over with "
+                            "train.resume=false or another out_dir")
 
     def run(self) -> dict:
         acc, train = self.accelerator, self.train
@@ -329,15 +337,16 @@ class Trainer:
 
     def _start_budget(self) -> int | None:
         """With a time budget: take the plan a resumed run recorded, or return the step after
-        which to plan (None when there is nothing to plan)."""
+        which to plan (None when there is nothing to plan). `_check_resumable` has refused a run
+        past its warm-up without a plan."""
         if self.train.time_budget_minutes is None:
             return None
         recorded = budget.read_plan(self.out_dir) if self.step > 0 else None
         if recorded is not None:
             self.train = replace(self.train, max_steps=recorded.max_steps)
             return None
-        probe_end = self.step + budget.probe_length(self.train.warmup_steps)
-        return probe_end if probe_end <= self.train.warmup_steps else None
+        # A run killed before it planned times what is left of its warm-up.
+        return min(self.step + budget.probe_length(self.train.warmup_steps), self.train.warmup_steps)
 
     def _plan_budget(self, elapsed_s: float, step_times: list[float]) -> None:
         """Fix max_steps from the probe's step times and one timed evaluation (the main process

@@ -21,6 +21,7 @@ from bench.common import cpu_name
 from codegpt.base.checkpoint import load_model
 from codegpt.base.data.fim import Fim, FimTokens
 from codegpt.base.data.loader import BatchLoader
+from codegpt.base.errors import ArgumentParser, cli_entry, positive_int
 from codegpt.base.generate import Sampling
 from codegpt.base.quality import validation_loss
 from codegpt.base.tokenizer import Tokenizer
@@ -69,11 +70,12 @@ def middle_loss(model, shard_dir: str, tokens: FimTokens, first: int | None = No
     return {"middle_loss": total / count, "middle_tokens": count}
 
 
+@cli_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+")
     parser.add_argument("--shards", required=True, help="the shard directory whose val split is held out")
-    parser.add_argument("--holes", type=int, default=200, help="single-line holes sampled for pass@1")
+    parser.add_argument("--holes", type=positive_int, default=200, help="single-line holes sampled for pass@1")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     tokenizer = Tokenizer()

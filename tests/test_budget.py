@@ -74,3 +74,20 @@ def test_a_resumed_run_takes_the_recorded_plan_not_a_new_one(tmp_path, monkeypat
     assert last["step"] == 9
     assert (cut / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
     assert [comparable(r) for r in losses(cut)] == [comparable(r) for r in records]
+
+
+def test_a_run_killed_before_it_planned_times_the_rest_of_its_warm_up(tmp_path):
+    budget_run(tmp_path / "run", minutes=None, max_steps=2)  # a checkpoint at step 2 of 4 warm-up steps
+    last, _ = budget_run(tmp_path / "run", minutes=0.05)
+    plan = json.loads((tmp_path / "run" / budget.BUDGET_FILE).read_text())
+    assert last["step"] == plan["max_steps"] <= 40
+
+
+def test_a_budget_on_a_run_past_its_warm_up_without_a_plan_is_refused_before_anything_is_written(tmp_path):
+    from codegpt.base.errors import UserError
+
+    budget_run(tmp_path / "run", minutes=None, max_steps=6)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="train.time_budget_minutes: .* step 6, past its 4 warm-up steps"):
+        budget_run(tmp_path / "run", minutes=1.0)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
