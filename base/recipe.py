@@ -80,6 +80,8 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr: float = 6e-5
     weight_decay: float = 0.01
+    # adamw (the seed's), or muon: Muon for the blocks' matrices, AdamW for the rest (base/optimizers.py).
+    optimizer: Literal["adamw", "muon"] = "adamw"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -2,10 +2,11 @@
 
 One optimizer step = `accumulation` micro-batches on every process, reaching the recipe's batch
 in tokens; its gradient, the logged loss and the validation loss are means over labelled targets
-(packed SFT rows label only completions), not means of per-batch means. AdamW with decay on
-matrices only, linear warmup then cosine to `min_lr`, gradient clipping, mixed precision and DDP
-through Accelerate, periodic validation, checkpoints that resume exactly (weights, optimizer,
-step, RNG states, data cursor), metrics to `metrics.jsonl`, wandb and PNG plots.
+(packed SFT rows label only completions), not means of per-batch means. The recipe's optimizer
+(`base/optimizers.py`: AdamW, or Muon with AdamW), linear warmup then cosine to `min_lr`,
+gradient clipping, mixed precision and DDP through Accelerate, periodic validation, checkpoints
+that resume exactly (weights, optimizer states, step, RNG states, data cursor), metrics to
+`metrics.jsonl`, wandb and PNG plots.
 
 A run stops with a UserError, writing nothing, when its loss or weights turn non-finite (the
 last good checkpoint stays the newest), or when it would resume checkpoints made for another
@@ -44,6 +45,7 @@ from codegpt.base.errors import InvalidValue, UserError
 from codegpt.base.fileio import atomic_directory, atomic_write_text, recover, remove_temporaries
 from codegpt.base.loss import IGNORE_INDEX
 from codegpt.base.metrics import MetricsLog
+from codegpt.base.optimizers import make_optimizers
 from codegpt.base.recipe import LogConfig, TrainConfig, accumulation_steps
 
 STATE_FILE = "training_state.pt"
@@ -115,18 +117,6 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only, not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused: one kernel over all parameters (on a 2-core CPU it made a 6 x 128 train step 8-12%
-    # faster than the foreach default).
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
-                             fused=device.type in ("cuda", "cpu"))
-
-
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete step checkpoints in `out_dir`, oldest first."""
     if not out_dir.is_dir():
@@ -189,10 +179,14 @@ class Trainer:
             raise UserError(f"train.{err.key}: {err.message}") from None
         _seed_everything(self.train.seed + acc.process_index)
         raw_model = self.model
-        self.optimizer = make_optimizer(raw_model, self.train, acc.device)
+        self.optimizers = make_optimizers(raw_model, self.train, acc.device)
+        if len(self.optimizers) > 1 and acc.scaler is not None:
+            # Accelerate's fp16 loss scaler updates its scale after each optimizer: twice a step here.
+            raise UserError(f"train.optimizer: {self.train.optimizer} steps two optimizers, which fp16 loss "
+                            "scaling does not support; use mixed_precision bf16 or no")
         if self.train.compile is True or (self.train.compile == "auto" and acc.device.type == "cuda"):
             self.model = torch.compile(self.model)
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.model, *self.optimizers = acc.prepare(self.model, *self.optimizers)
         self.step = 0
         self.tokens_seen = 0
         self.metrics = MetricsLog(self.out_dir, enabled=acc.is_main_process)
@@ -208,7 +202,10 @@ class Trainer:
         trainer_state = json.loads((path / TRAINER_FILE).read_text())
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         self.read_weights(path, unwrap(self.model))
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Checkpoints from before train.optimizer hold one AdamW state under "optimizer".
+        for optimizer, optimizer_state in zip(self.optimizers, state.get("optimizers") or [state["optimizer"]],
+                                              strict=True):
+            optimizer.load_state_dict(optimizer_state)
         rng = state["rng"]
         if len(rng) == self.accelerator.num_processes:
             _set_rng_state(rng[self.accelerator.process_index])
@@ -238,7 +235,7 @@ class Trainer:
                              "data": self.train_batches.state_dict(), "world_size": acc.num_processes}
             with atomic_directory(self.out_dir / f"step-{self.step:06d}") as tmp:
                 self.write_weights(tmp, model, meta)
-                torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, tmp / STATE_FILE)
+                torch.save({"optimizers": [o.state_dict() for o in self.optimizers], "rng": rng}, tmp / STATE_FILE)
                 atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer_state, indent=2) + "\n")
             for old in checkpoint_dirs(self.out_dir)[: -self.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -280,15 +277,16 @@ class Trainer:
 
     def _check_resumable(self) -> None:
         """Refuse, before anything is written, to resume a run whose checkpoints were made for
-        another model: name the first key of `fixed_keys` that differs from the run's recipe."""
+        another model or optimizer: name the first key of `fixed_keys`, or train.optimizer, that
+        differs from the run's recipe (one without train.optimizer, from before it, used AdamW)."""
         recipe_path = self.out_dir / RECIPE_FILE
         if not (self.train.resume and recipe_path.is_file() and checkpoint_dirs(self.out_dir)):
             return
         before, lines = read_yaml(recipe_path)
         now = to_dict(self.recipe)
-        for key in self.fixed_keys:
+        for key in (*self.fixed_keys, "train.optimizer"):
             old, new = _dotted(before, key), _dotted(now, key)
-            if old != new:
+            if old != new and not (key == "train.optimizer" and old is None and new == "adamw"):
                 line = f":{lines[key]}" if key in lines else ""
                 raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
                                 "are for the run's value: keep it, or start over with train.resume=false or "
@@ -372,8 +370,9 @@ class Trainer:
         acc, train = self.accelerator, self.train
         started = time.perf_counter()
         lr = learning_rate(self.step, train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         # The step's gradient is the mean over every labelled target of every rank's
         # micro-batches: each micro-batch's mean loss weighs by its share of the step's targets,
         # whose count all ranks need before their first backward (one all-reduce, batches drawn
@@ -397,8 +396,9 @@ class Trainer:
                 acc.backward(loss / (step_targets / (acc.num_processes * labelled)) if labelled else loss)
             loss_sum += loss.detach().float() * labelled
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip) if train.grad_clip > 0 else None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens_per_step
         loss_mean = (acc.reduce(loss_sum, "sum") / max(step_targets, 1)).item()

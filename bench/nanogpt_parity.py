@@ -3,7 +3,7 @@
 optimizer and schedule, for a few optimizer steps of the seed's size.
 
 Both use exact GELU (nanoGPT's model.py has no tanh variant), dropout 0, AdamW with decay on
-matrices only (`base.train.make_optimizer`), the seed's lr and betas with a 2-step warm-up,
+matrices only (`base.optimizers.make_optimizers`), the seed's lr and betas with a 2-step warm-up,
 clipping at 1.0, and bf16 autocast on a GPU (fp32 on CPU). Prints both loss curves and the
 largest relative difference; the target is 0.5% over 12 steps of 2^19 tokens in bf16.
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.optimizers import make_optimizers
 from codegpt.base.recipe import TrainConfig
-from codegpt.base.train import learning_rate, make_optimizer
+from codegpt.base.train import learning_rate
 from bench.common import nanogpt, nanogpt_module
 
 SEED = dataclasses.replace(GPTConfig(), dropout=0.0, activation="gelu")
@@ -59,7 +60,7 @@ def run(nanogpt_path: str, train_bin: str, steps: int = 12, accumulation: int = 
     train = TrainConfig(lr=6e-4, min_lr=6e-5, warmup_steps=2, max_steps=steps, weight_decay=0.01)
     ours, theirs = twin_models(nanogpt_path, config, device)
     models = {"codegpt": ours, "nanogpt": theirs}
-    optimizers = {name: make_optimizer(model, train, torch.device(device)) for name, model in models.items()}
+    optimizers = {name: make_optimizers(model, train, torch.device(device))[0] for name, model in models.items()}
     curves = {name: [] for name in models}
     norms = {name: [] for name in models}
     bf16 = device == "cuda"

@@ -1,9 +1,10 @@
 """Pretraining through its command: a SIGKILLed run resumes to the same bits, two real DDP ranks
-match one process with the same global batch, checkpoints cross world sizes, the 70M recipe takes
-an optimizer step, and recipe errors stop before any work."""
+match one process with the same global batch, checkpoints (and a time budget's plan) cross world
+sizes, the 70M recipe takes an optimizer step, and recipe errors stop before any work."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from codegpt.base.checkpoint import load_model
 from codegpt.base.generate import Sampling, banned_ids, token_steps
 from codegpt.base.data.shards import read_index
 from codegpt.base.tokenizer import Tokenizer
+from codegpt.base.train import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -103,6 +105,33 @@ def test_two_ddp_ranks_match_one_process_and_checkpoints_cross_world_sizes(tmp_p
     assert "resumed from" in cont.stdout
     assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-4)
     assert len(train_losses(two)) == 5
+
+
+def test_a_budget_on_two_ranks_is_planned_once_and_a_resume_in_one_process_keeps_it(tmp_path, data):
+    common = [*data, *TINY, "train.max_steps=24", "train.warmup_steps=4", "train.checkpoint_interval=4",
+              "train.keep_checkpoints=10"]
+    two = tmp_path / "two"
+    double = pretrain(*common, "train.time_budget_minutes=0.1", f"out_dir={two}", launcher=TWO_RANKS,
+                      env={"ACCELERATE_USE_CPU": "1"})
+    assert double.returncode == 0, double.stderr
+    plan = json.loads((two / "budget.json").read_text())
+    assert double.stdout.count("time budget 0.1 min") == 1  # the main process plans; every rank follows
+    steps = [r["step"] for r in records(two) if "loss" in r]
+    assert 4 < plan["max_steps"] <= 24 and steps == list(range(1, plan["max_steps"] + 1))
+
+    # Killed after the plan (made at the end of the 4-step warm-up) and its step-4 checkpoint; resumed
+    # in one process with a budget that is already spent, it keeps the plan and takes the same steps.
+    cut = tmp_path / "cut"
+    shutil.copytree(two, cut)
+    shutil.rmtree(cut / "final")
+    for path in checkpoint_dirs(cut)[1:]:
+        shutil.rmtree(path)
+    resumed = pretrain(*common, "train.time_budget_minutes=0.001", f"out_dir={cut}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout and "time budget" not in resumed.stdout
+    assert json.loads((cut / "budget.json").read_text()) == plan
+    assert [r["step"] for r in records(cut) if "loss" in r] == steps
+    assert train_losses(cut) == pytest.approx(train_losses(two), rel=1e-4)
 
 
 def test_the_70m_recipe_takes_an_optimizer_step(tmp_path, data):

@@ -1,5 +1,6 @@
-"""The training loop's pieces: the seed's schedule, weight-decay groups, batch arithmetic, and a
-loop that resumes to the same bits (in-process, on an in-memory batch source)."""
+"""The training loop's pieces: the seed's schedule, the optimizers and their weight-decay groups,
+batch arithmetic, and a loop that resumes to the same bits with either optimizer (in-process, on an
+in-memory batch source)."""
 
 import json
 import math
@@ -12,8 +13,8 @@ import torch
 from codegpt.base.errors import InvalidValue, UserError
 from codegpt.base.model import GPT
 from codegpt.base.recipe import LogConfig, PretrainRecipe, TrainConfig, accumulation_steps
-from codegpt.base.train import (Trainer, checkpoint_dirs, learning_rate, make_accelerator, make_optimizer,
-                                 validation_sample)
+from codegpt.base.optimizers import Muon, make_optimizers
+from codegpt.base.train import STATE_FILE, Trainer, checkpoint_dirs, learning_rate, make_accelerator, validation_sample
 from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 
@@ -31,11 +32,48 @@ def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(tiny_config())
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.01), torch.device("cpu"))
+    (optimizer,) = make_optimizers(model, TrainConfig(weight_decay=0.01), torch.device("cpu"))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(tiny_config(n_layer=2))
+    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon", weight_decay=0.01), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
+    assert muon.param_groups[0]["ns_dtype"] == torch.float32  # bf16 is emulated on CPUs without AVX512-BF16
+    names = {id(p): name for name, p in model.named_parameters()}
+    on_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    on_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert on_muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert on_muon.isdisjoint(on_adamw) and on_muon | on_adamw == set(names.values())
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= on_adamw  # the tied head is wte
+    assert muon.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_muon_is_torchs_muon_with_the_newton_schulz_dtype_ours():
+    torch.manual_seed(0)
+    shapes = [(48, 96), (96, 32)]
+    for dtype in (torch.bfloat16, torch.float32):
+        ours = [torch.randn(shape, requires_grad=True) for shape in shapes]
+        theirs = [w.detach().clone().requires_grad_() for w in ours]
+        optimizers = (Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=dtype),
+                      torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+        for _ in range(3):
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            for optimizer in optimizers:
+                optimizer.step()
+        for a, b in zip(ours, theirs):
+            if dtype == torch.bfloat16:  # torch's iterations run in bf16: the same operations, the same bits
+                assert torch.equal(a, b)
+            else:  # float32 iterations differ from bf16 ones by bf16's rounding, not more
+                torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+                assert not torch.equal(a, b)
 
 
 def test_accumulation_follows_batch_tokens_and_world_size():
@@ -47,9 +85,10 @@ def test_accumulation_follows_batch_tokens_and_world_size():
     assert bad.value.key == "batch_tokens"
 
 
-def run_loop(out_dir: Path, max_steps=8, wandb="disabled"):
+def run_loop(out_dir: Path, max_steps=8, wandb="disabled", optimizer="adamw"):
     train = TrainConfig(batch_tokens=256, micro_batch_size=4, max_steps=max_steps, warmup_steps=2, lr=3e-3,
-                        min_lr=3e-4, eval_interval=4, eval_tokens=256, checkpoint_interval=3, keep_checkpoints=2)
+                        min_lr=3e-4, eval_interval=4, eval_tokens=256, checkpoint_interval=3, keep_checkpoints=2,
+                        optimizer=optimizer)
     recipe = PretrainRecipe(out_dir=str(out_dir), model=tiny_config(dropout=0.1), train=train,
                             log=LogConfig(wandb=wandb, log_interval=1))
     torch.manual_seed(0)
@@ -59,9 +98,10 @@ def run_loop(out_dir: Path, max_steps=8, wandb="disabled"):
     return trainer.run()
 
 
-def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path, optimizer):
     whole = tmp_path / "whole"
-    last = run_loop(whole)
+    last = run_loop(whole, optimizer=optimizer)
     assert last["step"] == 8 and math.isfinite(last["val_loss"])
     records = losses(whole)
     train_losses = [r["loss"] for r in records if "loss" in r]
@@ -77,9 +117,43 @@ def test_loop_learns_writes_its_run_directory_and_resumes_bit_exactly(tmp_path):
     shutil.rmtree(cut / "step-000008")
     shutil.rmtree(cut / "final")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 7))
-    run_loop(cut)
+    run_loop(cut, optimizer=optimizer)
     assert (cut / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
     assert [comparable(r) for r in losses(cut)] == [comparable(r) for r in records]
+
+
+def test_a_checkpoint_from_before_train_optimizer_resumes_to_the_same_bits(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_loop(whole)
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "step-000008")
+    shutil.rmtree(cut / "final")
+    # What the version before it wrote: one AdamW state under "optimizer", no train.optimizer key.
+    state = torch.load(cut / "step-000006" / STATE_FILE, weights_only=True)
+    torch.save({"optimizer": state.pop("optimizers")[0], **state}, cut / "step-000006" / STATE_FILE)
+    recipe = (cut / "recipe.yaml").read_text()
+    (cut / "recipe.yaml").write_text("\n".join(l for l in recipe.splitlines() if "optimizer:" not in l) + "\n")
+    run_loop(cut)
+    assert (cut / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+
+
+def test_muon_under_fp16_loss_scaling_is_refused_naming_the_key(tmp_path):
+    train = TrainConfig(batch_tokens=128, micro_batch_size=4, optimizer="muon")
+    accelerator = make_accelerator(train)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 on a GPU has
+    recipe = PretrainRecipe(out_dir=str(tmp_path), model=tiny_config(), train=train, log=LogConfig(wandb="disabled"))
+    with pytest.raises(UserError, match="^train.optimizer: muon steps two optimizers, which fp16 loss scaling"):
+        Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [], train, recipe.log, tmp_path, accelerator,
+                recipe, block_size=32)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resuming_with_another_optimizer_is_refused_before_anything_is_written(tmp_path):
+    run_loop(tmp_path, max_steps=3)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"recipe.yaml:\d+: train.optimizer is adamw in the run, muon now"):
+        run_loop(tmp_path, max_steps=4, optimizer="muon")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_wandb_offline_logs_without_a_key_or_network(tmp_path, monkeypatch):
@@ -137,7 +211,7 @@ def test_losses_and_the_gradient_are_per_token_means_over_the_step(tmp_path):
 
     expected_train = per_token_mean(reference, step_batches)
     assert last["loss"] == pytest.approx(expected_train, rel=1e-5)
-    optimizer = make_optimizer(reference, train, torch.device("cpu"))
+    (optimizer,) = make_optimizers(reference, train, torch.device("cpu"))
     total = sum((y != -100).sum() for _, y in step_batches)
     loss = sum(reference(x, y) * (y != -100).sum() / total for x, y in step_batches)
     loss.backward()
