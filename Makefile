@@ -44,6 +44,11 @@ demo: $(STAMP)
 	$(CODEGPT) generate checkpoints/docstring-tiny-merged --task-examples data/tasks/docstring-tiny/val.jsonl \
 		-n 1 --temperature 0 --max-new-tokens 80
 
+# What `make demo` trained, for starting over after its recipes change (a run resumes only with
+# the model and optimizer it began with); the token shards stay.
+clean-demo:
+	rm -rf checkpoints/pretrain-cpu checkpoints/docstring-tiny checkpoints/docstring-tiny-merged
+
 bench: $(STAMP)
 	$(PY) -m bench.loss_memory
 	$(PY) -m bench.train_throughput

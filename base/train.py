@@ -286,7 +286,9 @@ class Trainer:
         now = to_dict(self.recipe)
         for key in (*self.fixed_keys, "train.optimizer"):
             old, new = _dotted(before, key), _dotted(now, key)
-            if old != new and not (key == "train.optimizer" and old is None and new == "adamw"):
+            if old is None and key == "train.optimizer":  # a run from before the key used AdamW
+                old = "adamw"
+            if old != new:
                 line = f":{lines[key]}" if key in lines else ""
                 raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
                                 "are for the run's value: keep it, or start over with train.resume=false or "
