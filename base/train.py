@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -49,6 +49,8 @@ from codegpt.base.optimizers import make_optimizers
 from codegpt.base.recipe import LogConfig, TrainConfig, accumulation_steps
 
 STATE_FILE = "training_state.pt"
+# Recipe keys the optimizer states in a checkpoint depend on: resuming with another is refused.
+OPTIMIZER_KEYS = ("train.optimizer",)
 TRAINER_FILE = "trainer.json"
 RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -277,17 +279,17 @@ class Trainer:
 
     def _check_resumable(self) -> None:
         """Refuse, before anything is written, to resume a run whose checkpoints were made for
-        another model or optimizer: name the first key of `fixed_keys`, or train.optimizer, that
-        differs from the run's recipe (one without train.optimizer, from before it, used AdamW)."""
+        another model or optimizer: name the first key of `fixed_keys` or OPTIMIZER_KEYS that
+        differs from the run's recipe. A key the run's recipe lacks (it predates the key) had
+        the key's default."""
         recipe_path = self.out_dir / RECIPE_FILE
         if not (self.train.resume and recipe_path.is_file() and checkpoint_dirs(self.out_dir)):
             return
         before, lines = read_yaml(recipe_path)
         now = to_dict(self.recipe)
-        for key in (*self.fixed_keys, "train.optimizer"):
-            old, new = _dotted(before, key), _dotted(now, key)
-            if old is None and key == "train.optimizer":  # a run from before the key used AdamW
-                old = "adamw"
+        for key in (*self.fixed_keys, *OPTIMIZER_KEYS):
+            old = _dotted(before, key) if key in lines else _default(self.recipe, key)
+            new = _dotted(now, key)
             if old != new:
                 line = f":{lines[key]}" if key in lines else ""
                 raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
@@ -425,6 +427,15 @@ class Trainer:
         if self.step % train.checkpoint_interval == 0 or self.step == train.max_steps:
             self.save_checkpoint(final=self.step == train.max_steps)
         return last
+
+
+def _default(recipe, key: str):
+    """The default of a dotted recipe key (`train.optimizer` -> TrainConfig's `optimizer`)."""
+    *path, name = key.split(".")
+    section = recipe
+    for part in path:
+        section = getattr(section, part)
+    return next(f.default for f in fields(section) if f.name == name)
 
 
 def _dotted(data: dict, key: str):
