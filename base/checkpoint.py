@@ -132,32 +132,3 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: weights file missing") from None
     except (SafetensorError, OSError) as err:
         raise UserError(f"{path}: unreadable safetensors file ({err})") from None
-
-
-
-
-def check_output_dir(out: Path, inputs: dict[str, Path], overwrite: bool, command: str) -> None:
-    """Refuse an output directory whose writing would delete what the user did not ask to: one
-    of the command's `inputs` (name -> path) or a directory holding one, something that is not a
-    directory, or a non-empty directory unless `overwrite` is given and it is a model directory
-    (ours, or a Hugging Face one), which is then replaced whole."""
-    target = out.resolve()
-    for name, path in inputs.items():
-        path = path.resolve()
-        if target == path or target in path.parents:
-            where = "is the" if target == path else f"holds {path}, the"
-            raise UserError(f"{out}: {where} {name}; {command} never writes over its {name}")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    content = sorted(p.name for p in out.iterdir())
-    if not content:
-        return
-    if not overwrite:
-        raise UserError(f"{out}: not empty (holds {content[0]}); pass --overwrite to replace a model directory")
-    config = out / CONFIG_FILE
-    document = read_json(config, "") if config.is_file() else {}
-    if document.get("format") != FORMAT and document.get("model_type") != "gpt2":
-        raise UserError(f"{out}: not a model directory (holds {content[0]}); --overwrite replaces only a model "
-                        "directory")

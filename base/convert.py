@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from codegpt.base.checkpoint import (CONFIG_FILE, FORMAT, check_output_dir, load_model, model_from_state, model_state,
-                                     read_safetensors, save_model)
+from codegpt.base.checkpoint import (CONFIG_FILE, FORMAT, load_model, model_from_state, model_state, read_safetensors,
+                                     save_model)
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from codegpt.base.fileio import atomic_directory, atomic_write_text, read_json, recover
 from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.outputs import check_output
 from codegpt.base.provenance import TIED_KEY, provenance
 from codegpt.base.recipe_loader import build
 from codegpt.base.tokenizer import EOT_ID
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation", choices=("gelu_tanh", "gelu"),
                         help="override the GELU form read from a .pt file (nanoGPT: gelu, build-nanogpt: gelu_tanh)")
     args = parser.parse_args(argv)
-    check_output_dir(Path(args.dest), {"source": Path(args.source)}, args.overwrite, "a conversion")
+    check_output(args.dest, command="codegpt convert", inputs={"source": args.source}, overwrite=args.overwrite,
+                 key="DEST")
     kind = detect_format(args.source)
     model = load_any(args.source, n_head=args.n_head, activation=args.activation)
     if args.to == "hf":

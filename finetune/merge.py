@@ -11,9 +11,9 @@ directory that holds them.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from codegpt.base.checkpoint import check_output_dir, save_model
+from codegpt.base.checkpoint import save_model
+from codegpt.base.outputs import check_output
 from codegpt.base.provenance import provenance
 from codegpt.base.errors import ArgumentParser, cli_entry
 from codegpt.finetune.adapter import load_for_inference, read_adapter_config
@@ -22,7 +22,8 @@ from codegpt.finetune.lora import strip_lora
 
 def merge_adapter(adapter: str, out: str, base: str | None = None, overwrite: bool = False) -> str:
     base = base or read_adapter_config(adapter)["base"]
-    check_output_dir(Path(out), {"base model": Path(base), "adapter": Path(adapter)}, overwrite, "a merge")
+    check_output(out, command="codegpt merge", inputs={"base model": base, "adapter": adapter}, overwrite=overwrite,
+                 key="OUT")
     model, description = load_for_inference(base, adapter)
     strip_lora(model)
     save_model(out, model, meta=provenance(merged_from=description, adapter=str(adapter), base=str(base)))
