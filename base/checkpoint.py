@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from codegpt.base.errors import UserError
-from codegpt.base.fileio import atomic_directory, atomic_write_text, read_json, recover
+from codegpt.base.fileio import atomic_directory, atomic_write_text, check_input_file, read_json, recover
 from codegpt.base.footprint import memory_problem
 from codegpt.base.model import GPT, GPTConfig
 from codegpt.base.provenance import TIED_KEY, provenance
@@ -59,7 +59,8 @@ def save_model(path: str | os.PathLike, model: GPT, *, tokenizer: str = ENCODING
     """Write `model` as a CodeGPT directory at `path`, atomically. `extra(tmp_dir)` may add files
     (training state, recipe) that must appear together with the weights."""
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    size = sum(t.nbytes for t in model_state(unwrap(model)).values())
+    with atomic_directory(path, size=size) as tmp:
         write_model_files(tmp, model, tokenizer=tokenizer, meta=meta)
         if extra is not None:
             extra(tmp)
@@ -70,6 +71,7 @@ def read_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the model.safetensors of a CodeGPT directory into `model` in place (exact keys)."""
     state = read_safetensors(Path(path) / WEIGHTS_FILE)
     state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
+    check_dtypes(state, unwrap(model).state_dict(), Path(path) / WEIGHTS_FILE)
     unwrap(model).load_state_dict(state)
 
 
@@ -120,15 +122,32 @@ def model_from_state(config: GPTConfig, state: dict, source: str, device="cpu", 
         if state[key].shape != tensor.shape:
             raise UserError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
                             f"the config implies {tuple(tensor.shape)}")
+    check_dtypes(state, expected, source)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing or damaged (truncated) one is a UserError."""
+    """The tensors of a safetensors file; a missing or damaged (truncated) one, or a device or
+    FIFO in its place, is a UserError."""
+    check_input_file(path, "weights file")
     try:
-        return load_file(path)
+        state = load_file(path)
     except FileNotFoundError:
         raise UserError(f"{path}: weights file missing") from None
     except (SafetensorError, OSError) as err:
         raise UserError(f"{path}: unreadable safetensors file ({err})") from None
+    return state
+
+
+def check_dtypes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source) -> None:
+    """Refuse a tensor of `state` whose kind differs from the model's tensor of that name: integer
+    weights (load_state_dict would cast an int32 tensor to float and the model would sample
+    garbage), or a float where the model keeps integers (`active_ids`). Any floating dtype
+    (float32, float16, bfloat16) stands for any other: it is cast on load."""
+    for key, tensor in state.items():
+        if key in expected and tensor.is_floating_point() != expected[key].is_floating_point():
+            wanted = "floating point (float32, float16 or bfloat16)" if expected[key].is_floating_point() \
+                else f"integer ({str(expected[key].dtype).removeprefix('torch.')})"
+            raise UserError(f"{source}: {key} is {str(tensor.dtype).removeprefix('torch.')}; the model's {key} is "
+                            f"{wanted}")

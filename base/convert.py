@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from codegpt.base.checkpoint import (CONFIG_FILE, FORMAT, load_model, model_from_state, model_state, read_safetensors,
                                      save_model)
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
-from codegpt.base.fileio import atomic_directory, atomic_write_text, read_json, recover
+from codegpt.base.fileio import atomic_directory, atomic_write_text, check_input_file, read_json, recover
 from codegpt.base.model import GPT, GPTConfig
 from codegpt.base.outputs import check_output
 from codegpt.base.provenance import TIED_KEY, provenance
@@ -46,6 +46,7 @@ def load_any(path: str | os.PathLike, device="cpu", dtype=None, **import_options
 
 
 def detect_format(path: str | os.PathLike) -> str:
+    check_input_file(path, "model")
     path = Path(path)
     if path.is_dir():
         recover(path)

@@ -1,12 +1,20 @@
-"""Atomic writes: a file or a directory appears complete under its final name, or not at all."""
+"""Atomic writes: a file or a directory appears complete under its final name, or not at all.
+
+A full disk (or quota) during a write is a UserError naming the path and the bytes it needs; the
+temporaries are removed and the previous file or directory stays in place. Reads of a file the
+user names go through `check_input_file` first: a device, FIFO or socket is refused before it is
+opened (/dev/zero would fill memory, a FIFO would block forever).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,6 +30,30 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# The errors of a full disk or quota, also as Rust libraries (safetensors) word them.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_RUST_DISK_FULL = re.compile(rf"\(os error (?:{'|'.join(map(str, _DISK_FULL))})\)")
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    return bool(_RUST_DISK_FULL.search(str(err)))
+
+
+def _disk_full_error(path: Path, needs: str) -> UserError:
+    free = shutil.disk_usage(nearest_existing(path)).free
+    return UserError(f"{path}: no space left on the device (needs {needs} bytes, {free:,} free); nothing was "
+                     "replaced")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,9 +64,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _disk_full(err):
+            raise _disk_full_error(path, f"{len(data):,}") from None
         raise
     _fsync_dir(path.parent)
 
@@ -44,12 +78,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
+def atomic_directory(path: str | os.PathLike, size: int | None = None):
     """Yield a temporary directory beside `path`; on success it replaces `path` whole.
 
     The old directory is moved aside before the new one is renamed in and deleted after, so at
     every instant `path` is either the old complete directory, the new one, or (for the moment
     between two renames) absent with the old one at `<path>.old`, which `recover` puts back.
+    `size`, the bytes the directory will hold where the caller knows them, is what a full disk's
+    message says it needs (otherwise: more than was written before the disk filled).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +103,11 @@ def atomic_directory(path: str | os.PathLike):
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if _disk_full(err) else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            raise _disk_full_error(path, f"{size:,}" if size is not None else f"more than {written:,}") from None
         raise
 
 
@@ -102,10 +141,30 @@ def remove_temporaries(directory: str | os.PathLike, names: str) -> None:
                 path.unlink()
 
 
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is a device, FIFO or socket ("a FIFO", ...), else None (a regular
+    file, a directory, or nothing there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse a device, FIFO or socket given as the input file `what` (e.g. "prompt file"),
+    before it is opened. A missing path or a directory is left to the caller's own message."""
+    if (kind := special_file(path)) is not None:
+        raise UserError(f"{path}: is {kind}, not a regular file ({what})")
+
+
 def read_json(path: str | os.PathLike, missing: str) -> dict:
     """The JSON object in a file; `missing` is the UserError message when it does not exist, and
-    anything else that is not a JSON object (unreadable, not UTF-8, invalid, a list) is a
+    anything else that is not a JSON object (unreadable, not UTF-8, invalid, a list, a device) is a
     UserError naming the file (and the line where JSON says)."""
+    check_input_file(path, "a JSON file")
     try:
         document = json.loads(Path(path).read_text())
     except FileNotFoundError:

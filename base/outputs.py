@@ -14,42 +14,45 @@ user's file written over. It refuses, naming the path:
   command's own; without it, a non-empty directory is refused unless `overwrite` is given and it
   is a model directory (ours or Hugging Face GPT-2's), which the command then replaces whole.
 
-`check_input_file` refuses a device, FIFO or socket named as an input file before anything reads
-it (/dev/zero would fill memory, a FIFO would block forever).
+Input files have their own check, base/fileio.py's `check_input_file` (no device, FIFO or socket).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 from codegpt.base.checkpoint import CONFIG_FILE, FORMAT
 from codegpt.base.errors import UserError
-from codegpt.base.fileio import read_json
+from codegpt.base.fileio import nearest_existing, read_json
 
 
-def check_output(path: str | os.PathLike, *, command: str, inputs: Mapping[str, str | os.PathLike] | None = None,
+PathLike = str | os.PathLike
+
+
+def check_output(path: PathLike, *, command: str, inputs: Mapping[str, PathLike | Sequence[PathLike]] | None = None,
                  kind: Literal["directory", "file"] = "directory", overwrite: bool = False,
                  foreign: Callable[[Path], str | None] | None = None, nest_in_inputs: bool = False,
                  key: str | None = None) -> None:
     """Refuse, as a UserError, an output `path` that `command` (e.g. "codegpt merge") must not
-    write: see the module's docstring. `inputs` names the command's inputs (name -> path), `key`
-    how the user gave `path` (a flag or recipe key; the message ends with it)."""
+    write: see the module's docstring. `inputs` names the command's inputs (name -> a path, or a
+    list of paths), `key` how the user gave `path` (a flag or recipe key; the message ends with it)."""
     out = Path(path)
     where = f" ({key})" if key else ""
     target = out.resolve()
-    for name, source in (inputs or {}).items():
-        source = Path(source).resolve()
+    named = [(name, p) for name, paths in (inputs or {}).items()
+             for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    for name, source in named:
+        source = Path(source).expanduser().resolve()
         if target == source or target in source.parents:
             relation = "is the" if target == source else f"holds {source}, the"
-            raise UserError(f"{out}: {relation} {name}; {command} never writes over its {name}{where}")
+            raise UserError(f"{out}: {relation} {name}; {command} never writes over its own input{where}")
         if kind == "directory" and not nest_in_inputs and source in target.parents and source.is_dir():
             raise UserError(f"{out}: inside {source}, the {name}; {command} writes its output outside its "
                             f"inputs{where}")
-    existing = _nearest_existing(target)
+    existing = nearest_existing(target)
     if existing != target:
         if not existing.is_dir():
             raise UserError(f"{out}: {existing} is a file, not a directory{where}")
@@ -86,27 +89,6 @@ def is_model_directory(path: Path) -> bool:
     config = path / CONFIG_FILE
     document = read_json(config, "") if config.is_file() else {}
     return document.get("format") == FORMAT or document.get("model_type") == "gpt2"
-
-
-def check_input_file(path: str | os.PathLike, what: str) -> None:
-    """Refuse a device, FIFO or socket named as the input file `what` (e.g. "prompt file"),
-    before it is opened. A missing path or a directory is left to the caller's own message."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-        return
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"))
-    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-    raise UserError(f"{path}: is {kind}, not a regular file ({what})")
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _check_writable(out: Path, directory: Path, where: str) -> None:

@@ -11,19 +11,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from codegpt.base.errors import InvalidValue
+from codegpt.base.fileio import special_file
 from codegpt.base.footprint import memory_problem
 from codegpt.base.model import GPTConfig
 
 
 def validate_source(source: str, paths: list[str]) -> None:
     """A corpus's `source` and `paths` (shared by pretraining data and task data): files need a
-    file, and every local path must exist."""
+    file, and every local path must exist and be a file or directory (a device or FIFO would never
+    end or block)."""
     if source == "files" and not paths:
         raise InvalidValue("paths", "source 'files' needs at least one jsonl or parquet file")
     if source != "codeparrot":
         for path in paths:
             if not os.path.exists(os.path.expanduser(path)):
                 raise InvalidValue("paths", f"{path} does not exist")
+            if (kind := special_file(os.path.expanduser(path))) is not None:
+                raise InvalidValue("paths", f"{path} is {kind}, not a file or directory")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 from codegpt.base.errors import InvalidValue, UserError
-from codegpt.base.fileio import atomic_write_text
+from codegpt.base.fileio import atomic_write_text, check_input_file
 
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
@@ -69,6 +69,7 @@ def _line_map(node: yaml.Node, path: str, prefix: str = "") -> dict[str, int]:
 def read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
     """The mapping in a YAML file and the line of every dotted key in it."""
     path = str(path)
+    check_input_file(path, "recipe")
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

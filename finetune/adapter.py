@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from codegpt.base.checkpoint import read_safetensors
+from codegpt.base.checkpoint import check_dtypes, read_safetensors
 
 from codegpt.base.convert import load_any
 
@@ -61,6 +61,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 def read_adapter_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the adapter tensors of `path` into a model that already has LoRA layers."""
     state = read_safetensors(Path(path) / ADAPTER_FILE)
+    check_dtypes(state, adapter_state(unwrap(model)), Path(path) / ADAPTER_FILE)
     load_adapter_state(unwrap(model), state, source=str(path))
 
 

@@ -29,6 +29,7 @@ from accelerate import PartialState
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from codegpt.base.fileio import atomic_write_text
 from codegpt.base.generate import Sampling, generate, not_trained_for_infilling
+from codegpt.base.outputs import check_output
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.finetune.adapter import load_for_inference
 from codegpt.finetune.sample import add_sampling_args, sampling_from_args
@@ -126,6 +127,17 @@ def print_table(result: dict) -> None:
             print(f"  {kind:<14}{row['bugs']:>6}{row['fixed']:>7}{row['fix_rate']:>8.3f}")
 
 
+def _not_results(path: Path) -> str | None:
+    """Why an existing --out is not an earlier results file of this command (which it replaces)."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("benchmark"), str) and "model" in document:
+        return None
+    return "exists and is not a results file of codegpt evaluate; name a new file"
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     sampling = sampling_from_args(args)
     if args.benchmark == "examples" and not args.examples:
         raise UserError("--benchmark examples needs --examples FILE.jsonl")
+    where = Path(args.adapter or args.model)
+    out = Path(args.out) if args.out else (where if where.is_dir() else where.parent) / f"eval-{args.benchmark}.json"
+    inputs = {"model": args.model, "adapter": args.adapter, "examples": args.examples}
+    check_output(out, command="codegpt evaluate", kind="file", inputs={k: v for k, v in inputs.items() if v},
+                 foreign=_not_results, key="--out")
     # Read before the model loads, so a bad file is reported at once.
     records = read_examples(args.examples, args.limit) if args.benchmark == "examples" else None
     if args.infill and (records is None or any("suffix" not in r for r in records)):
@@ -173,8 +190,6 @@ def main(argv: list[str] | None = None) -> None:
         result = bugfix(model, tokenizer, problems, sampling, args.batch_size)
     result["model"] = description
     result["sampling"] = sampling.__dict__
-    where = Path(args.adapter or args.model)
-    out = Path(args.out) if args.out else (where if where.is_dir() else where.parent) / f"eval-{args.benchmark}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"results in {out}")

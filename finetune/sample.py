@@ -24,6 +24,7 @@ from dataclasses import replace
 from accelerate import PartialState
 
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
+from codegpt.base.fileio import check_input_file
 from codegpt.base.generate import MIN_TEMPERATURE, BadOption, Sampling, not_trained_for_infilling, stream
 from codegpt.base.model import GPT
 from codegpt.base.tokenizer import Tokenizer
@@ -82,6 +83,7 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[str], str | None]:
     if not args.file:
         unescape = (lambda t: t.encode().decode("unicode_escape")) if args.escapes else (lambda t: t)
         return [unescape(args.prompt)], None if args.suffix is None else unescape(args.suffix)
+    check_input_file(args.file, "--file")
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

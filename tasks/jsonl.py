@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import jsonlines
 
 from codegpt.base.errors import UserError
-from codegpt.base.fileio import atomic_write_text
+from codegpt.base.fileio import atomic_write_text, check_input_file
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -30,6 +30,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("prompt", "
     """Every record of a jsonl file; a bad line is a UserError naming the file, the line and the
     problem. `check(record)` may name a problem of the caller's own."""
     path = Path(path)
+    check_input_file(path, "jsonl file")
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
