@@ -12,8 +12,10 @@ rate overall and per mutation kind. examples: a task's own val.jsonl, each answe
 task (parses; equals the reference). humaneval-infill-single / -multi: holes cut from HumanEval's
 canonical solutions (tasks/infill.py), filled from the code before and after each (fill in the
 middle, ending at <|endoftext|>), the completed program run against the tests; pass@k as for
-humaneval, --limit N a seeded sample of N holes spread over the problems. Results go to a JSON
-file and a printed table.
+humaneval, --limit N a seeded sample of N holes spread over the problems. Each program of
+humaneval, infilling and bugfix may run --timeout seconds (3 by default: OpenAI's human-eval and
+bigcode-evaluation-harness allow 3 s, so pass@k compares with published numbers). Results go to a
+JSON file (with the time limit used) and a printed table.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from codegpt.base.tokenizer import Tokenizer
 from codegpt.finetune.adapter import load_for_inference
 from codegpt.finetune.sample import add_sampling_args, sampling_from_args
 from codegpt.tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
-from codegpt.tasks.humaneval import STOP, load_problems
+from codegpt.tasks.humaneval import STOP, TIMEOUT_SECONDS, load_problems
 from codegpt.tasks.infill import BENCHMARKS as INFILL
 from codegpt.tasks.infill import infill_problems, score_infill
 from codegpt.tasks.jsonl import read_jsonl
 from codegpt.tasks.registry import TASKS, task_of, unknown_task
-from codegpt.tasks.sandbox import isolation
+from codegpt.tasks.sandbox import Limits, isolation, time_limits
 
 
 def n_samples(model, tokenizer, prompt: str, suffix: str | None, sampling: Sampling, n: int, batch_size: int) -> list[str]:
@@ -53,29 +55,30 @@ def n_samples(model, tokenizer, prompt: str, suffix: str | None, sampling: Sampl
     return outputs
 
 
-def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size: int) -> dict:
+def humaneval(model, tokenizer, problems, sampling: Sampling, n: int, batch_size: int, limits: Limits) -> dict:
     samples = {p.task_id: n_samples(model, tokenizer, p.prompt, None, sampling, n, batch_size) for p in problems}
-    result = score_humaneval(problems, samples)
+    result = score_humaneval(problems, samples, limits=limits)
     result["samples"] = samples
     return result
 
 
-def infill(model, tokenizer, benchmark: str, limit: int | None, sampling: Sampling, n: int, batch_size: int) -> dict:
+def infill(model, tokenizer, benchmark: str, limit: int | None, sampling: Sampling, n: int, batch_size: int,
+           limits: Limits) -> dict:
     """Every hole (or a sample of `limit`): n middles each, given the code before and after it."""
     items = infill_problems(benchmark, limit=limit)
     samples = {item.task_id: n_samples(model, tokenizer, item.prefix, item.suffix, sampling, n, batch_size)
                for item in items}
-    result = score_infill(items, samples)
+    result = score_infill(items, samples, limits=limits)
     result["samples"] = samples
     return result
 
 
-def bugfix(model, tokenizer, problems, sampling: Sampling, batch_size: int) -> dict:
-    items = bugfix_items(problems)
+def bugfix(model, tokenizer, problems, sampling: Sampling, batch_size: int, limits: Limits) -> dict:
+    items = bugfix_items(problems, limits=limits)
     answers = []
     for start in range(0, len(items), batch_size):
         answers += generate(model, tokenizer, [item.prompt for item in items[start : start + batch_size]], sampling)
-    result = score_bugfix(items, answers)
+    result = score_bugfix(items, answers, limits)
     result["answers"] = [{"task_id": i.problem.task_id, "kind": i.kind, "answer": a} for i, a in zip(items, answers)]
     return result
 
@@ -138,6 +141,17 @@ def _not_results(path: Path) -> str | None:
     return "exists and is not a results file of codegpt evaluate; name a new file"
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a time limit in seconds, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:  # nan fails this too
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 86400 seconds, got {text}")
+    return value
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per HumanEval problem or hole")
     parser.add_argument("--limit", type=positive_int, help="only the first N problems (infilling: a sample of N holes)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                        help=f"wall time each program may run (default {TIMEOUT_SECONDS:g}, as in human-eval's harness)")
     parser.add_argument("--out", help="results JSON (default: <model>/eval-<benchmark>.json)")
     add_sampling_args(parser)
     parser.set_defaults(temperature=None, max_new_tokens=384)
@@ -162,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     sampling = sampling_from_args(args)
     if args.benchmark == "examples" and not args.examples:
         raise UserError("--benchmark examples needs --examples FILE.jsonl")
+    if args.benchmark == "examples" and args.timeout is not None:
+        raise UserError("--timeout: --benchmark examples runs no code (its answers are parsed and compared)")
+    limits = time_limits(TIMEOUT_SECONDS if args.timeout is None else args.timeout)
     where = Path(args.adapter or args.model)
     out = Path(args.out) if args.out else (where if where.is_dir() else where.parent) / f"eval-{args.benchmark}.json"
     inputs = {"model": args.model, "adapter": args.adapter, "examples": args.examples}
@@ -181,13 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     tokenizer = Tokenizer()
     if args.benchmark in INFILL:
-        result = infill(model, tokenizer, args.benchmark, args.limit, sampling, args.samples, args.batch_size)
+        result = infill(model, tokenizer, args.benchmark, args.limit, sampling, args.samples, args.batch_size, limits)
     elif args.benchmark == "examples":
         result = task_examples(model, tokenizer, args.examples, records, sampling, args.batch_size, args.infill)
     elif args.benchmark == "humaneval":
-        result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size)
+        result = humaneval(model, tokenizer, problems, sampling, args.samples, args.batch_size, limits)
     else:
-        result = bugfix(model, tokenizer, problems, sampling, args.batch_size)
+        result = bugfix(model, tokenizer, problems, sampling, args.batch_size, limits)
     result["model"] = description
     result["sampling"] = sampling.__dict__
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")

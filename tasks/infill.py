@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from codegpt.base.tokenizer import EOT
-from codegpt.tasks.benchmarks import score_programs
+from codegpt.tasks.benchmarks import REFERENCE_LIMITS, score_programs
 from codegpt.tasks.humaneval import Problem, check_program, load_problems
 from codegpt.tasks.sandbox import Limits
 
@@ -89,7 +89,7 @@ def postprocess(problem: InfillProblem, text: str) -> str:
 
 
 def score_infill(items: list[InfillProblem], samples: dict[str, list[str]], ks=(1, 10, 100),
-                 limits: Limits = Limits(), workers: int | None = None) -> dict:
+                 limits: Limits = REFERENCE_LIMITS, workers: int | None = None) -> dict:
     """pass@k over the holes of one benchmark (samples: raw generations by task id), and per-hole
     pass counts."""
     programs = {item.task_id: [item.program(postprocess(item, s)) for s in samples[item.task_id]] for item in items}

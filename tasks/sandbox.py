@@ -4,14 +4,23 @@ Where this process is root and `unshare` works (Linux containers and CI here), e
 inside fresh network, mount, PID and IPC namespaces (tasks/sandbox_runner.py): no network at all,
 every mount of the machine read-only, so the only writable places are its own empty /tmp, /var/tmp
 and /dev/shm (tmpfs, 64 MiB each, gone with it), a proc of its own that shows no process of the
-machine, System V IPC that dies with it, an unprivileged uid of its own (one per worker slot, so a
-fork bomb meets RLIMIT_NPROC), CPU-time, address-space, file-size and process limits, and on
-timeout the whole namespace dies with it.
+machine, System V IPC that dies with it, an unprivileged uid of its own, CPU-time, address-space,
+file-size and process limits, and when it ends (or times out) the whole namespace dies with it.
+The uids are leased (`leased_uids`): each pool of workers holds its own for as long as it runs,
+one per worker, so two evaluators on one machine never share one; a fork bomb fills only its own
+uid's RLIMIT_NPROC, and whatever runs as a uid belongs to one pool.
 
 Elsewhere (not root, no namespaces) the fallback is weaker and says so in `isolation()`: a new
-session killed as a group, the same resource limits (the process limit then counts all of the
-user's processes), a fresh temporary directory as cwd, and no isolation of network, files, IPC or
-processes.
+session, a fresh temporary directory as cwd, the same CPU-time, address-space and file-size limits,
+and no isolation of network, files, IPC or processes. RLIMIT_NPROC counts every process (thread,
+in fact) of the user's, not the program's alone, so the fallback sets it to the number the user
+runs when the program starts plus `Limits.processes`: a fork bomb stops after about that many,
+but programs running side by side as one user (run_many's workers, another evaluator) share that
+headroom, and one's fork bomb can make another's fork fail. The kernel does not apply it to root.
+When the program ends (or times out), whatever it left behind is killed at once, as far as the
+fallback can find it: every process in its session, or working in its directory, or holding a
+write end of its output pipes or its verdict socket. A process that leaves all of these behind
+(a new session, another directory, its descriptors closed) survives it.
 
 The verdict rests on no secret: a program passes only if the runner's own last line, reached after
 the program ran to its end, sends a message with a file descriptor attached over a socket, and the
@@ -33,17 +42,21 @@ helper process it starts can ptrace it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import math
 import os
 import queue
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +64,8 @@ from pathlib import Path
 from codegpt.tasks.sandbox_runner import WRAPPER, judge, verdict_channel
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
-FIRST_UID = 61_000  # uids 61000.. are unused on Debian-like systems; one per worker slot
+FIRST_UID, UIDS = 61_000, 2_000  # uids 61000-62999 are unused on Debian-like systems
+LEASES = Path("/run/codegpt-sandbox")  # one lock file per uid; /run is root's own and cleared at boot
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,11 @@ class Limits:
     output_bytes: int = 1 << 20
     file_bytes: int = 16 << 20
     processes: int = 32
+
+
+def time_limits(seconds: float) -> Limits:
+    """The default limits with `seconds` of wall time and as much CPU time (whole seconds, up)."""
+    return Limits(wall_seconds=seconds, cpu_seconds=math.ceil(seconds))
 
 
 @dataclass
@@ -88,6 +107,35 @@ def isolation() -> str:
     return "namespaces" if probe.returncode == 0 else "rlimits"
 
 
+@contextlib.contextmanager
+def leased_uids(count: int, directory: Path = LEASES) -> Iterator[list[int]]:
+    """`count` sandbox uids that no other pool on this machine holds while this one does.
+
+    Each uid is held by an exclusive flock on a file of its own in `directory`. The kernel drops a
+    flock when its file is closed, so a lease ends with its holder however that ends (SIGKILL
+    included), and the next evaluator takes the uid with no manual step."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"sandbox: {directory} must be a directory of this user's that no one else can write")
+    held: dict[int, int] = {}
+    try:
+        for uid in range(FIRST_UID, FIRST_UID + UIDS):
+            if len(held) == count:
+                break
+            held[uid] = os.open(directory / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(held[uid], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(held.pop(uid))
+        if len(held) < count:
+            raise RuntimeError(f"sandbox: {count} uids wanted, {len(held)} of {FIRST_UID}..{FIRST_UID + UIDS - 1} free")
+        yield list(held)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+
+
 def _read_capped(stream, limit: int, sink: list, overflow: threading.Event) -> None:
     total = 0
     while chunk := stream.read(65536):
@@ -99,24 +147,109 @@ def _read_capped(stream, limit: int, sink: list, overflow: threading.Event) -> N
     stream.close()
 
 
-def _fallback_limits(limits: Limits):
+def _pids() -> Iterator[int]:
+    return (int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _user_tasks() -> int:
+    """How many tasks (threads) this process's real uid runs now: what RLIMIT_NPROC counts."""
+    uid, total = str(os.getuid()), 0
+    for pid in _pids():
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            if fields["Uid"].split()[0] == uid:
+                total += int(fields["Threads"])
+    return total
+
+
+def _fallback_limits(limits: Limits, user_tasks: int):
+    processes = user_tasks + limits.processes
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if hard != resource.RLIM_INFINITY:
+        processes = min(processes, hard)
+
     def apply():
         # SIGXCPU at the soft CPU limit (reported as a timeout), SIGKILL a second later.
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
         for limit, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
-                             (resource.RLIMIT_CORE, 0)):
+                             (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(limit, (value, value))
 
     return apply
 
 
-def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
-    """Run `code` as a Python program under the sandbox; never raises for what the program does."""
+@dataclass(frozen=True)
+class _Traces:
+    """What marks a process as left behind by a fallback program: its session, a working directory
+    in its directory, or a write end of its output pipes or its verdict socket (`ends`, as
+    /proc/<pid>/fd shows them). A sibling worker's child between fork and exec holds our pipes'
+    read ends, never their write ends, so it is never taken for one."""
+
+    session: int
+    workdir: str
+    ends: frozenset[str]
+
+    def on(self, pid: int) -> bool:
+        proc = f"/proc/{pid}"
+        try:
+            with open(f"{proc}/stat", "rb") as f:
+                state, _, _, session = f.read().rsplit(b")", 1)[1].split()[:4]
+            if state in (b"Z", b"X"):
+                return False  # dead already, only not reaped
+            if int(session) == self.session:
+                return True
+            cwd = os.readlink(f"{proc}/cwd")
+            if cwd == self.workdir or cwd.startswith(self.workdir + "/"):
+                return True
+            for fd in os.listdir(f"{proc}/fd"):
+                end = os.readlink(f"{proc}/fd/{fd}")
+                if end in self.ends and (end.startswith("socket:") or _writes(f"{proc}/fdinfo/{fd}")):
+                    return True
+        except (OSError, ValueError):
+            pass  # gone, or not ours to look at
+        return False
+
+
+def _writes(fdinfo: str) -> bool:
+    flags = next(line for line in Path(fdinfo).read_text().splitlines() if line.startswith("flags:"))
+    return int(flags.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+
+
+def _kill_left_behind(traces: _Traces) -> None:
+    """SIGKILL every process that `traces` marks, round after round until none is left: a round
+    also catches what the last one's processes forked before they died."""
+    for _ in range(1000):
+        found = [pid for pid in _pids() if pid != os.getpid() and traces.on(pid)]
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(OSError):
+                handle = os.pidfd_open(pid)
+                try:
+                    # The pidfd pins the process: it is signalled only if this one is still marked.
+                    if traces.on(pid):
+                        signal.pidfd_send_signal(handle, signal.SIGKILL)
+                finally:
+                    os.close(handle)
+        time.sleep(0.001)
+
+
+def _exited(pid: int) -> bool:
+    """Whether child `pid` has ended, leaving it unreaped (its pid, the id of its process group and
+    session, stays taken until then)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def run(code: str, limits: Limits = Limits(), uid: int | None = None) -> Outcome:
+    """Run `code` as a Python program under the sandbox; never raises for what the program does.
+    `uid`: one this caller leased (run_many's workers); without it, one is leased for this run."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if isolation() == "namespaces":
+            if uid is None:
+                [uid] = stack.enter_context(leased_uids(1))
             argv = ["unshare", "--net", "--mount", "--pid", "--ipc", "--fork", "--kill-child", sys.executable, "-I",
-                    str(RUNNER), str(FIRST_UID + slot), str(limits.cpu_seconds), str(limits.memory_bytes),
+                    str(RUNNER), str(uid), str(limits.cpu_seconds), str(limits.memory_bytes),
                     str(limits.file_bytes), str(limits.processes)]
             stdin_data, cwd, preexec, channel = code.encode(), "/", None, None
         else:
@@ -126,12 +259,15 @@ def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
             stack.callback(ours.close)
             stack.callback(theirs.close)
             argv = [sys.executable, "-I", "-c", WRAPPER, str(theirs.fileno()), "-1"]
-            stdin_data, cwd, preexec = b"", workdir, _fallback_limits(limits)
+            stdin_data, cwd, preexec = b"", workdir, _fallback_limits(limits, _user_tasks())
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, start_new_session=True, preexec_fn=preexec,
                                 pass_fds=[channel[1].fileno()] if channel else (),
                                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         if channel:
+            ends = [f"pipe:[{os.fstat(s.fileno()).st_ino}]" for s in (proc.stdout, proc.stderr)]
+            traces = _Traces(proc.pid, os.path.realpath(workdir),
+                             frozenset([*ends, f"socket:[{os.fstat(channel[1].fileno()).st_ino}]"]))
             channel[1].close()
         out, err, overflow = [], [], threading.Event()
         readers = [threading.Thread(target=_read_capped, args=(s, limits.output_bytes, sink, overflow), daemon=True)
@@ -143,16 +279,20 @@ def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
             proc.stdin.close()
         status = None
         deadline = started + limits.wall_seconds
-        while proc.poll() is None:
+        while not _exited(proc.pid):
             if overflow.is_set():
                 status = "output_limit"
             elif time.perf_counter() > deadline:
                 status = "timeout"
             if status:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
+        # Ended or not, what it started goes with it: under namespaces the PID namespace's end takes
+        # every process; here the group, then whatever else the fallback can find.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if channel:
+            _kill_left_behind(traces)
         proc.wait()
         for reader in readers:
             reader.join(timeout=5)
@@ -168,18 +308,20 @@ def run(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
 
 
 def run_many(programs: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:
-    """Run programs in parallel, each worker on its own sandbox slot (and uid)."""
+    """Run programs in parallel, each worker on a sandbox uid of its own, leased for the pool."""
     workers = workers or max(1, os.cpu_count() or 1)
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(workers):
-        slots.put(slot)
+    with contextlib.ExitStack() as stack:
+        uids = stack.enter_context(leased_uids(workers)) if isolation() == "namespaces" else [None] * workers
+        free: queue.Queue[int | None] = queue.Queue()
+        for uid in uids:
+            free.put(uid)
 
-    def one(code: str) -> Outcome:
-        slot = slots.get()
-        try:
-            return run(code, limits, slot)
-        finally:
-            slots.put(slot)
+        def one(code: str) -> Outcome:
+            uid = free.get()
+            try:
+                return run(code, limits, uid)
+            finally:
+                free.put(uid)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, programs))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, programs))
