@@ -8,7 +8,9 @@ machine, System V IPC that dies with it, an unprivileged uid of its own, CPU-tim
 file-size and process limits, and when it ends (or times out) the whole namespace dies with it.
 The uids are leased (`leased_uids`): each pool of workers holds its own for as long as it runs,
 one per worker, so two evaluators on one machine never share one; a fork bomb fills only its own
-uid's RLIMIT_NPROC, and whatever runs as a uid belongs to one pool.
+uid's RLIMIT_NPROC, and whatever runs as a uid belongs to one pool. A lease ends when its holder
+does, SIGKILL included; the sandboxes it started die with it (PR_SET_PDEATHSIG), and the next
+holder of a uid kills whatever might still run as it before using it.
 
 Elsewhere (not root, no namespaces) the fallback is weaker and says so in `isolation()`: a new
 session, a fresh temporary directory as cwd, the same CPU-time, address-space and file-size limits,
@@ -42,6 +44,7 @@ helper process it starts can ptrace it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import math
@@ -56,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,7 @@ from codegpt.tasks.sandbox_runner import WRAPPER, judge, verdict_channel
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 FIRST_UID, UIDS = 61_000, 2_000  # uids 61000-62999 are unused on Debian-like systems
 LEASES = Path("/run/codegpt-sandbox")  # one lock file per uid; /run is root's own and cleared at boot
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,16 @@ def leased_uids(count: int, directory: Path = LEASES) -> Iterator[list[int]]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _sandbox_uids(count: int) -> Iterator[list[int]]:
+    """Leased uids with nothing running as them: a pool that held one and died (SIGKILL between
+    two programs) may have left a program behind, and as the lease's holder this pool is the
+    uid's only rightful user, so killing by uid touches no one else's program."""
+    with leased_uids(count) as uids:
+        _kill_every(_runs_as(set(uids)))
+        yield uids
+
+
 def _read_capped(stream, limit: int, sink: list, overflow: threading.Event) -> None:
     total = 0
     while chunk := stream.read(65536):
@@ -151,15 +165,59 @@ def _pids() -> Iterator[int]:
     return (int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
+def _status(pid: int) -> dict[str, str] | None:
+    """/proc/<pid>/status as a dict, or None where the process is gone."""
+    try:
+        return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return None
+
+
 def _user_tasks() -> int:
-    """How many tasks (threads) this process's real uid runs now: what RLIMIT_NPROC counts."""
-    uid, total = str(os.getuid()), 0
-    for pid in _pids():
-        with contextlib.suppress(OSError):
-            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-            if fields["Uid"].split()[0] == uid:
-                total += int(fields["Threads"])
-    return total
+    """How many tasks this process's real uid has now, as RLIMIT_NPROC counts them: every thread,
+    and every zombie until it is reaped."""
+    uid = str(os.getuid())
+    return sum(int(status.get("Threads", "1")) for status in map(_status, _pids())
+               if status and status["Uid"].split()[0] == uid)
+
+
+def _kill_every(marked: Callable[[int], bool]) -> None:
+    """SIGKILL every process that `marked` picks (never this one), round after round until none is
+    left: a round also takes what the last round's processes forked before they died."""
+    for _ in range(1000):
+        found = [pid for pid in _pids() if pid != os.getpid() and marked(pid)]
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(OSError):
+                handle = os.pidfd_open(pid)
+                try:
+                    # The pidfd pins the process: it is signalled only if this one is still marked.
+                    if marked(pid):
+                        signal.pidfd_send_signal(handle, signal.SIGKILL)
+                finally:
+                    os.close(handle)
+        time.sleep(0.001)
+
+
+def _runs_as(uids: set[int]) -> Callable[[int], bool]:
+    def marked(pid: int) -> bool:
+        status = _status(pid)
+        return (status is not None and status["State"].split()[0] not in ("Z", "X")
+                and int(status["Uid"].split()[0]) in uids)
+
+    return marked
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: a child between fork and exec must not dlsym
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child before exec: SIGKILL it when the thread that started it ends, or this process (a
+    killed evaluator leaves no sandbox running). Kept across exec (unshare passes it on)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the line above
 
 
 def _fallback_limits(limits: Limits, user_tasks: int):
@@ -167,8 +225,10 @@ def _fallback_limits(limits: Limits, user_tasks: int):
     hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
     if hard != resource.RLIM_INFINITY:
         processes = min(processes, hard)
+    parent = os.getpid()
 
     def apply():
+        _die_with_parent(parent)
         # SIGXCPU at the soft CPU limit (reported as a timeout), SIGKILL a second later.
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
         for limit, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
@@ -215,25 +275,6 @@ def _writes(fdinfo: str) -> bool:
     return int(flags.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
 
 
-def _kill_left_behind(traces: _Traces) -> None:
-    """SIGKILL every process that `traces` marks, round after round until none is left: a round
-    also catches what the last one's processes forked before they died."""
-    for _ in range(1000):
-        found = [pid for pid in _pids() if pid != os.getpid() and traces.on(pid)]
-        if not found:
-            return
-        for pid in found:
-            with contextlib.suppress(OSError):
-                handle = os.pidfd_open(pid)
-                try:
-                    # The pidfd pins the process: it is signalled only if this one is still marked.
-                    if traces.on(pid):
-                        signal.pidfd_send_signal(handle, signal.SIGKILL)
-                finally:
-                    os.close(handle)
-        time.sleep(0.001)
-
-
 def _exited(pid: int) -> bool:
     """Whether child `pid` has ended, leaving it unreaped (its pid, the id of its process group and
     session, stays taken until then)."""
@@ -247,11 +288,12 @@ def run(code: str, limits: Limits = Limits(), uid: int | None = None) -> Outcome
     with contextlib.ExitStack() as stack:
         if isolation() == "namespaces":
             if uid is None:
-                [uid] = stack.enter_context(leased_uids(1))
+                [uid] = stack.enter_context(_sandbox_uids(1))
             argv = ["unshare", "--net", "--mount", "--pid", "--ipc", "--fork", "--kill-child", sys.executable, "-I",
                     str(RUNNER), str(uid), str(limits.cpu_seconds), str(limits.memory_bytes),
                     str(limits.file_bytes), str(limits.processes)]
-            stdin_data, cwd, preexec, channel = code.encode(), "/", None, None
+            stdin_data, cwd, channel = code.encode(), "/", None
+            preexec = functools.partial(_die_with_parent, os.getpid())
         else:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="codegpt-sandbox-"))
             Path(workdir, "program.py").write_text(code)
@@ -292,7 +334,7 @@ def run(code: str, limits: Limits = Limits(), uid: int | None = None) -> Outcome
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         if channel:
-            _kill_left_behind(traces)
+            _kill_every(traces.on)
         proc.wait()
         for reader in readers:
             reader.join(timeout=5)
@@ -311,7 +353,7 @@ def run_many(programs: list[str], limits: Limits = Limits(), workers: int | None
     """Run programs in parallel, each worker on a sandbox uid of its own, leased for the pool."""
     workers = workers or max(1, os.cpu_count() or 1)
     with contextlib.ExitStack() as stack:
-        uids = stack.enter_context(leased_uids(workers)) if isolation() == "namespaces" else [None] * workers
+        uids = stack.enter_context(_sandbox_uids(workers)) if isolation() == "namespaces" else [None] * workers
         free: queue.Queue[int | None] = queue.Queue()
         for uid in uids:
             free.put(uid)

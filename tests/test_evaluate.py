@@ -1,5 +1,6 @@
 """The evaluation and sampling commands run end to end on a tiny model: HumanEval pass@k and the
-bug-fix benchmark write their JSON and table; the sampler streams task examples."""
+bug-fix benchmark write their JSON and table (with the time each program was allowed); the sampler
+streams task examples."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 from codegpt.base.checkpoint import save_model
 from codegpt.base.model import GPT, GPTConfig
+from codegpt.finetune import evaluate
 from codegpt.tasks.benchmarks import bugfix_items, score_bugfix, score_humaneval
 from codegpt.tasks.humaneval import load_problems
 
@@ -32,10 +34,10 @@ def run(*args):
 def test_humaneval_command_writes_pass_at_k(tiny_checkpoint, tmp_path):
     out = tmp_path / "he.json"
     result = run("finetune.evaluate", str(tiny_checkpoint), "--benchmark", "humaneval", "--limit", "2", "-n", "10",
-                 "--max-new-tokens", "16", "--seed", "0", "--out", str(out))
+                 "--max-new-tokens", "16", "--seed", "0", "--timeout", "2.5", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["problems"] == 2 and report["samples_per_problem"] == 10
+    assert report["problems"] == 2 and report["samples_per_problem"] == 10 and report["timeout_seconds"] == 2.5
     assert set(report) >= {"pass@1", "pass@10"} and "pass@100" not in report
     assert len(report["samples"]["HumanEval/0"]) == 10
     assert "pass@10" in result.stdout
@@ -48,6 +50,7 @@ def test_bugfix_command_writes_fix_rates_per_kind(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["bugs"] == sum(row["bugs"] for row in report["per_kind"].values()) > 0
+    assert report["timeout_seconds"] == 3.0  # the default, as for HumanEval
     assert "fix rate" in result.stdout
 
 
@@ -61,6 +64,32 @@ def test_scores_of_known_answers():
     fixed = score_bugfix(items, [item.problem.prompt + item.problem.canonical_solution for item in items])
     unfixed = score_bugfix(items, [item.buggy for item in items])
     assert fixed["fix_rate"] == 1.0 and unfixed["fix_rate"] == 0.0
+
+
+def test_humaneval_allows_the_reference_harness_time_by_default():
+    """3 s a program, as OpenAI's human-eval and the bigcode harness: a correct answer that takes
+    longer fails here as it fails there (our sandbox's own default would let it pass)."""
+    problem = load_problems()[0]
+    slow = problem.canonical_solution + "\nimport time\ntime.sleep(3.5)\n"
+    report = score_humaneval([problem], {problem.task_id: [slow, problem.canonical_solution]}, ks=(1,))
+    assert report["timeout_seconds"] == 3.0 and report["per_problem"][problem.task_id] == {"passed": 1, "n": 2}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "1e9"])
+def test_timeout_must_be_a_positive_number_of_seconds(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([str(tmp_path / "model"), "--timeout", value])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "--timeout" in err and "seconds" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timeout_is_refused_where_no_code_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([str(tmp_path / "model"), "--benchmark", "examples", "--examples", str(tmp_path / "val.jsonl"),
+                       "--timeout", "3"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "--timeout" in err and "runs no code" in err
 
 
 def test_sample_command_streams_task_examples(tiny_checkpoint, tmp_path):
@@ -93,6 +122,7 @@ def test_infill_command_fills_holes_and_warns_a_model_not_trained_for_it(tiny_ch
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["benchmark"] == "humaneval-infill-single" and report["problems"] == 3
+    assert report["timeout_seconds"] == 3.0
     assert all(task_id.startswith("SingleLineInfilling/HumanEval/") for task_id in report["samples"])
     assert "pass@1" in result.stdout
     assert result.stderr.count("warning: this model was not trained for fill-in-the-middle") == 1

@@ -1,9 +1,12 @@
 """The sandbox survives hostile programs, reports each as a failure, and leaves the machine as it was."""
 
+import json
 import os
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -11,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import codegpt.tasks.sandbox as sandbox
-from codegpt.tasks.sandbox import Limits, run, run_many
+from codegpt.tasks.sandbox import Limits, leased_uids, run, run_many
 
 LIMITS = Limits(wall_seconds=3, cpu_seconds=3, memory_bytes=512 << 20, output_bytes=64 << 10)
+MODES = ["namespaces", "rlimits"] if sandbox.isolation() == "namespaces" else ["rlimits"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,6 +78,120 @@ def test_fallback_without_namespaces_still_refuses_fake_success(monkeypatch):
                         Limits(wall_seconds=2, cpu_seconds=2), workers=2)
     assert [o.passed for o in outcomes] == [False, False, False, True]
     assert outcomes[2].status == "timeout"
+
+
+# Three children that outlive the program: one in its session, one in a session of its own, one in
+# a session of its own and another directory (only its stdout ties it to the program). Each would
+# print "late" two seconds on; the program prints their pids and ends at once.
+LEFT_BEHIND = """
+import os, time
+def child(escape):
+    pid = os.fork()
+    if pid == 0:
+        escape()
+        time.sleep(2)
+        print("late", flush=True)
+        time.sleep(60)
+        os._exit(0)
+    return pid
+def elsewhere():
+    os.setsid()
+    os.chdir("/")
+print(child(lambda: None), child(os.setsid), child(elsewhere), flush=True)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_what_a_program_leaves_behind_dies_when_it_ends(mode, monkeypatch):
+    monkeypatch.setattr(sandbox, "isolation", lambda: mode)
+    limits = Limits(wall_seconds=8, cpu_seconds=8)
+    outcome = run(LEFT_BEHIND, limits)
+    assert outcome.passed, outcome
+    # Returned before the wall limit, and none of them lived long enough to print.
+    assert outcome.seconds < limits.wall_seconds and "late" not in outcome.stdout
+    if mode == "rlimits":  # the pids mean something out here
+        assert [pid for pid in map(int, outcome.stdout.split()) if alive(pid)] == []
+
+
+# Forks children that sleep until RLIMIT_NPROC refuses one (or 200 of them); prints the limit it
+# saw and how many it made.
+FORKS = """
+import os, resource, time
+print(*resource.getrlimit(resource.RLIMIT_NPROC))
+n = 0
+try:
+    while n < 200:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+except OSError:
+    pass
+print(n)
+"""
+
+# As an unprivileged user, in the fallback: the interpreter (under /root, mode 700, here) is made
+# reachable in a mount namespace of its own, then this process becomes `uid` for good and runs
+# the programs given as JSON.
+AS_A_USER = """
+import json, os, sys
+from codegpt.tasks.sandbox_runner import MS_PRIVATE, MS_REC, expose_interpreter, mount
+mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+mount("tmpfs", "/tmp", "tmpfs", 0, "size=64m,mode=1777")
+expose_interpreter(os.path.realpath(sys.base_prefix), os.path.realpath(sys.executable))
+uid, programs = int(sys.argv[1]), json.loads(sys.argv[2])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+from codegpt.tasks.sandbox import Limits, isolation, run
+report = {"isolation": isolation()}
+for name, code in programs.items():
+    outcome = run(code, Limits(wall_seconds=8, cpu_seconds=8, processes=16))
+    report[name] = {"passed": outcome.passed, "stdout": outcome.stdout, "seconds": outcome.seconds}
+print(json.dumps(report))
+"""
+
+
+def processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if int(status["Uid"].split()[0]) == uid and status["State"].split()[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root to become a user")
+def test_fallback_as_a_user_bounds_forks_and_leaves_nothing_running():
+    with leased_uids(1) as [uid]:  # a uid no sandbox uses meanwhile
+        try:
+            programs = json.dumps({"forks": FORKS, "left behind": LEFT_BEHIND})
+            result = subprocess.run(["unshare", "--mount", sys.executable, "-c", AS_A_USER, str(uid), programs],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            report = json.loads(result.stdout)
+            assert report["isolation"] == "rlimits"
+            assert len(report["forks"]["stdout"].split()) == 3, report  # the limit, then how many it forked
+            soft, hard, forked = map(int, report["forks"]["stdout"].split())
+            # RLIMIT_NPROC counts all of the user's tasks: what it ran at the start plus 16.
+            assert soft == hard and 16 < soft < 200 and 0 < forked <= 16
+            assert report["left behind"]["passed"] and "late" not in report["left behind"]["stdout"]
+            assert report["left behind"]["seconds"] < 8
+            # The 16 sleeping children and the three left behind all died with their programs.
+            assert processes_of(uid) == []
+        finally:
+            for pid in processes_of(uid):
+                os.kill(pid, 9)
 
 
 def test_works_from_a_virtual_environment_under_tmp(tmp_path):
