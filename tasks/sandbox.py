@@ -183,7 +183,8 @@ def _user_tasks() -> int:
 
 def _kill_every(marked: Callable[[int], bool]) -> None:
     """SIGKILL every process that `marked` picks (never this one), round after round until none is
-    left: a round also takes what the last round's processes forked before they died."""
+    left: a round also takes what the last round's processes forked before they died. Through
+    pidfds (Linux 5.3 and later), so a pid that was reused meanwhile is never signalled."""
     for _ in range(1000):
         found = [pid for pid in _pids() if pid != os.getpid() and marked(pid)]
         if not found:
