@@ -3,7 +3,8 @@ GPT-2 directories, read into our names (`load_any` takes any of them) and GPT-2 
 
     codegpt convert ckpt.pt checkpoints/imported          # nanoGPT .pt -> CodeGPT
     codegpt convert hf-gpt2-dir checkpoints/imported      # HF GPT-2 directory -> CodeGPT
-    codegpt convert checkpoints/run/final hf-out --to hf  # CodeGPT -> HF GPT-2 (from_pretrained loads it)
+    codegpt convert checkpoints/run/final hf-out --to hf  # CodeGPT -> HF GPT-2, with its tokenizer
+                                                          # (transformers, vLLM and pipelines load it)
 
 Pickled `.pt` files are only ever read with `weights_only=True`: tensors, plain containers and a
 pickled `GPTConfig` (build-nanogpt stores one) are accepted, anything else is refused.
@@ -24,11 +25,12 @@ from codegpt.base.checkpoint import (CONFIG_FILE, FORMAT, load_model, model_from
                                      save_model)
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from codegpt.base.fileio import atomic_directory, atomic_write_text, check_input_file, read_json, recover
+from codegpt.base.generate import Sampling, banned_ids
 from codegpt.base.model import GPT, GPTConfig
 from codegpt.base.outputs import check_output
 from codegpt.base.provenance import TIED_KEY, provenance
 from codegpt.base.recipe_loader import build
-from codegpt.base.tokenizer import EOT_ID
+from codegpt.base.tokenizer import EOT_ID, Tokenizer
 from codegpt.base.wrappers import strip_prefixes, unwrap
 
 # Linear layers that GPT-2's Conv1D stores as (in, out), transposed from nn.Linear's (out, in).
@@ -180,10 +182,20 @@ def import_hf(path: str | os.PathLike, **_) -> tuple[GPTConfig, dict]:
     return build(GPTConfig, dataclasses.asdict(config)), state
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+TRANSFORMERS_NEEDED = ("the Hugging Face export writes the tokenizer with transformers' converter: "
+                       "pip install 'transformers>=4.46'")
+
+
 def export_hf(model: GPT, path: str | os.PathLike) -> Path:
-    """Write `model` as a Hugging Face `GPT2LMHeadModel` directory (loads with `from_pretrained`)."""
+    """Write `model` as a Hugging Face `GPT2LMHeadModel` directory: config.json, model.safetensors,
+    generation_config.json and, when the model's vocabulary holds our tokenizer's ids, the
+    tokenizer (AutoTokenizer, pipeline("text-generation") and vLLM load the directory as it is).
+    The tokenizer needs transformers, imported here only; without it nothing is written."""
     model = unwrap(model)
     config = model.config
+    tokenizer = Tokenizer()
+    hf_tokenizer = _hf_tokenizer_module() if writes_tokenizer(model, tokenizer) else None
     state = {}
     for key, tensor in model_state(model).items():
         if key == "active_ids":  # GPT-2 has no such buffer: the exported softmax covers every id
@@ -222,7 +234,57 @@ def export_hf(model: GPT, path: str | os.PathLike) -> Path:
     with atomic_directory(path) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
+        atomic_write_text(tmp / GENERATION_CONFIG_FILE,
+                          json.dumps(hf_generation_config(model, tokenizer), indent=2) + "\n")
+        if hf_tokenizer is not None:
+            hf_tokenizer.write_hf_tokenizer(tmp, tokenizer.name, max_length=config.block_size)
     return path
+
+
+def writes_tokenizer(model: GPT, tokenizer: Tokenizer) -> bool:
+    """Whether the export carries our tokenizer: only a model whose embedding has a row for each
+    of its ids (ours: 100,352 rows for 100,277 ids; an imported GPT-2 has another tokenizer)."""
+    return model.config.vocab_size >= tokenizer.vocab_size
+
+
+def _hf_tokenizer_module():
+    try:
+        from codegpt.base import hf_tokenizer
+    except ImportError as err:
+        raise UserError(f"{TRANSFORMERS_NEEDED} ({err})") from None
+    return hf_tokenizer
+
+
+def hf_generation_config(model: GPT, tokenizer: Tokenizer) -> dict:
+    """generation_config.json: `codegpt sample`'s defaults (temperature, no top-k cut, 256 new
+    tokens), <|endoftext|> to start and end, and the ids our sampler never draws as
+    `suppress_tokens`: the padding rows and gaps no token decodes from, the fill-in-the-middle
+    sentinels and, for a model trained over part of the vocabulary, the ids outside it. So
+    transformers' greedy decoding picks our tokens."""
+    document = {"do_sample": True, "temperature": Sampling.temperature, "top_k": 0,
+                "max_new_tokens": Sampling.max_new_tokens}
+    if EOT_ID < model.config.vocab_size:
+        document.update(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID)
+    suppressed = banned_ids(model, tokenizer, "cpu").nonzero().flatten().tolist()
+    if suppressed:
+        document["suppress_tokens"] = suppressed
+    return document
+
+
+def hf_export_notes(model: GPT) -> list[str]:
+    """What the user should know about the export of `model`, one line each."""
+    notes = []
+    tokenizer = Tokenizer()
+    if not writes_tokenizer(model, tokenizer):
+        notes.append(f"no tokenizer written: the model has {model.config.vocab_size:,} ids, fewer than "
+                     f"{tokenizer.name}'s {tokenizer.vocab_size:,}")
+    if model.config.active_vocab is not None:
+        outside = model.config.vocab_size - model.config.active_vocab
+        notes.append(f"the model was trained over {model.config.active_vocab:,} of its {model.config.vocab_size:,} ids; "
+                     f"GPT-2 has no such restriction, so the exported logits cover the other {outside:,} too: "
+                     f"generation_config.json suppresses them in transformers' generate (vLLM takes only its "
+                     f"sampling defaults from that file)")
+    return notes
 
 
 @cli_entry
@@ -242,10 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_any(args.source, n_head=args.n_head, activation=args.activation)
     if args.to == "hf":
         export_hf(model, args.dest)
-        if model.config.active_vocab is not None:
-            print(f"note: {args.source} was trained over {model.config.active_vocab:,} of its {model.config.vocab_size:,} "
-                  "ids; GPT-2 has no such restriction, so the exported model gives the others small probabilities "
-                  "(ban them when sampling: they never occurred in its training data)")
+        for note in hf_export_notes(model):
+            print(f"note: {args.source}: {note}")
     else:
         save_model(args.dest, model, meta=provenance(source=str(args.source), source_format=kind))
     print(f"{args.source} ({kind}) -> {args.dest} ({args.to}): {model.num_params():,} parameters")
