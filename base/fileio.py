@@ -35,15 +35,23 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _RUST_DISK_FULL = re.compile(rf"\(os error (?:{'|'.join(map(str, _DISK_FULL))})\)")
 
 
-def _disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return err.errno in _DISK_FULL
-    return bool(_RUST_DISK_FULL.search(str(err)))
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err` comes of a full disk: an OSError saying so, safetensors' error quoting one, or
+    an error raised while handling one (torch.save into a file object wraps the OSError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL or _RUST_DISK_FULL.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
-def _disk_full_error(path: Path, needs: str) -> UserError:
+class DiskFull(UserError):
+    """A write that found the disk (or quota) full; the message names the path and the bytes."""
+
+
+def _disk_full_error(path: Path, needs: str) -> DiskFull:
     free = shutil.disk_usage(nearest_existing(path)).free
-    return UserError(f"{path}: no space left on the device (needs {needs} bytes, {free:,} free); nothing was "
+    return DiskFull(f"{path}: no space left on the device (needs {needs} bytes, {free:,} free); nothing was "
                      "replaced")
 
 
@@ -104,9 +112,10 @@ def atomic_directory(path: str | os.PathLike, size: int | None = None):
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as err:
-        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if _disk_full(err) else 0
+        full = isinstance(err, DiskFull) or _disk_full(err)  # a DiskFull names a file inside `tmp`
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(err):
+        if full:
             raise _disk_full_error(path, f"{size:,}" if size is not None else f"more than {written:,}") from None
         raise
 

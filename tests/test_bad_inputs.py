@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from codegpt.base.checkpoint import save_model
 
@@ -104,6 +106,24 @@ def world(tmp_path_factory) -> Path:
     _write(w / "examples/mixed.jsonl", json.dumps(example) + "\n" + json.dumps({**example, "task": "bugfix"}) + "\n")
     _write(w / "examples/garbage.jsonl", "{\"prompt\": \n")
     _write(w / "examples/empty.jsonl", "\n")
+
+    # Hostile inputs: a FIFO (reading one blocks forever), the user's own corpus beside where task
+    # examples could go, a corpus whose rows lack `content`, and weights of the wrong kind.
+    os.mkfifo(w / "fifo")
+    _write(w / "corpus/train.jsonl", json.dumps({"content": "def double(x):\n    \"\"\"Double x.\"\"\"\n    return 2 * x\n"})
+           + "\n")
+    _write(w / "corpus-norows/docs.jsonl", json.dumps({"text": "no content field"}) + "\n")
+    _write(w / "ckpt-fifo/config.json", json.dumps(good_config))
+    os.mkfifo(w / "ckpt-fifo/model.safetensors")
+    state = load_file(w / "run/final/model.safetensors")
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"].to(torch.int32)
+    (w / "ckpt-int32").mkdir()
+    save_file(state, w / "ckpt-int32/model.safetensors")
+    _write(w / "ckpt-int32/config.json", json.dumps(good_config))
+    torch.save({"model": state, "model_args": {"n_head": 2}}, w / "int32.pt")
+    shutil.copytree(w / "adapter", w / "adapter-int32")
+    lora_state = load_file(w / "adapter/adapter.safetensors")
+    save_file({k: v.to(torch.int32) for k, v in lora_state.items()}, w / "adapter-int32/adapter.safetensors")
     return w
 
 
@@ -118,6 +138,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 state[key] = "-> " + os.readlink(path)
             elif path.is_dir():
                 state[key] = "dir"
+            elif not path.is_file():  # a FIFO: reading it would block
+                state[key] = "special"
             else:
                 state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
@@ -224,6 +246,57 @@ CASES = [
     ("codegpt.finetune.evaluate", ["{w}/run/final", "--benchmark", "examples"], "--examples"),
     ("codegpt.finetune.evaluate", ["{w}/run/final", "--benchmark", "mbpp"], "--benchmark"),
     ("codegpt.finetune.evaluate", ["{w}/run/final", "--temperature", "1e-40"], "--temperature"),
+    # Outputs in impossible places or over what the command did not make (issue 22), each refused
+    # before any work: an input of the command, or a directory holding one, or inside one.
+    ("codegpt.tasks.build", ["{root}/recipes/docstring-tiny.yaml", "task.source=files", "task.paths=[{w}/corpus/train.jsonl]",
+                             "task.data_dir={w}/corpus"], "corpus: holds {w}/corpus/train.jsonl, the corpus (task.paths)"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.data_dir={w}/a-file"], "a-file: exists and is not a directory"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.data_dir={w}/a-file/tasks"], "a-file is a file, not a directory"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.data_dir={w}/recipes"],
+     "recipes: holds binary.yaml, which codegpt tasks did not make"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.data_dir={w}/examples"], "examples: holds empty.jsonl"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.data_dir=/proc/codegpt-tasks"], "cannot write in /proc"),
+    ("codegpt.base.data.build", ["{w}/recipes/tiny.yaml", "data.shard_dir=/proc/codegpt-shards"], "cannot write in /proc"),
+    ("codegpt.base.data.build", ["{w}/recipes/tiny.yaml", "data.source=files", "data.paths=[{w}/corpus/train.jsonl]",
+                                 "data.shard_dir={w}/corpus"], "corpus: holds {w}/corpus/train.jsonl, the corpus (data.paths)"),
+    ("codegpt.finetune.merge", ["{w}/adapter", "/proc/merged"], "/proc/merged: cannot write in /proc"),
+    ("codegpt.finetune.merge", ["{w}/adapter", "{w}/a-file/merged"], "a-file is a file, not a directory"),
+    ("codegpt.finetune.merge", ["{w}/adapter", "{w}/adapter/merged"], "adapter/merged: inside {w}/adapter, the adapter"),
+    ("codegpt.finetune.merge", ["{w}/adapter", "{w}"], "holds {w}/run/final, the base model"),
+    ("codegpt.base.convert", ["{w}/run/final", "/proc/x"], "/proc/x: cannot write in /proc"),
+    ("codegpt.base.convert", ["{w}/run/final", "{w}/a-file/out"], "a-file is a file, not a directory"),
+    ("codegpt.base.convert", ["{w}/run/final", "{w}/a-file"], "a-file: exists and is not a directory"),
+    ("codegpt.base.convert", ["{w}/run/final", "{w}/run", "--overwrite"], "run: holds {w}/run/final, the source"),
+    ("codegpt.base.convert", ["{w}/garbage.pt", "{w}/garbage.pt"], "garbage.pt: is the source"),
+    ("codegpt.finetune.evaluate", ["{w}/run/final", "--out", "/proc/x.json", "--limit", "1", "--max-new-tokens", "1"], "/proc/x.json: cannot write in /proc"),
+    ("codegpt.finetune.evaluate", ["{w}/run/final", "--out", "{w}/recipes", "--limit", "1", "--max-new-tokens", "1"],
+     "recipes: is a directory; a file is written here (--out)"),
+    ("codegpt.finetune.evaluate", ["{w}/run/final", "--out", "{w}/recipes/tiny.yaml", "--limit", "1", "--max-new-tokens", "1"],
+     "tiny.yaml: exists and is not a results file of codegpt evaluate"),
+    ("codegpt.finetune.evaluate", ["{w}/run/final", "--benchmark", "examples", "--examples", "{w}/corpus/train.jsonl",
+                                   "--out", "{w}/corpus/train.jsonl"], "train.jsonl: is the examples"),
+    ("codegpt.finetune.evaluate", ["{w}/garbage.pt", "--out", "{w}/garbage.pt"], "garbage.pt: is the model"),
+    # Devices, FIFOs and sockets as input files: refused naming them before they are read.
+    ("codegpt.finetune.sample", ["{w}/run/final", "--file", "/dev/zero"], "/dev/zero: is a character device"),
+    ("codegpt.finetune.sample", ["{w}/run/final", "--file", "{w}/fifo"], "fifo: is a FIFO, not a regular file (--file)"),
+    ("codegpt.finetune.sample", ["{w}/run/final", "--task-examples", "{w}/fifo"], "fifo: is a FIFO"),
+    ("codegpt.finetune.sample", ["{w}/fifo"], "fifo: is a FIFO, not a regular file (model)"),
+    ("codegpt.finetune.sample", ["{w}/ckpt-fifo"], "ckpt-fifo/model.safetensors: is a FIFO"),
+    ("codegpt.finetune.evaluate", ["{w}/run/final", "--benchmark", "examples", "--examples", "/dev/zero"],
+     "/dev/zero: is a character device"),
+    ("codegpt.base.data.build", ["{w}/fifo"], "fifo: is a FIFO, not a regular file (recipe)"),
+    ("codegpt.base.data.build", ["{w}/recipes/tiny.yaml", "data.paths=[/dev/zero]", "data.shard_dir={w}/new-shards"],
+     "data.paths: /dev/zero is a character device"),
+    ("codegpt.base.data.build", ["{w}/recipes/tiny.yaml", "data.source=files", "data.paths=[{w}/fifo]",
+                                 "data.shard_dir={w}/new-shards"], "data.paths: {w}/fifo is a FIFO"),
+    ("codegpt.tasks.build", ["{w}/recipes/task.yaml", "task.paths=[/dev/zero]", "task.data_dir={w}/new-tasks"],
+     "task.paths: /dev/zero is a character device"),
+    ("codegpt.finetune.sft", ["{w}/fifo"], "fifo: is a FIFO"),
+    # Weights of the wrong kind: named with their dtype.
+    ("codegpt.finetune.sample", ["{w}/ckpt-int32"], "ckpt-int32: transformer.h.0.attn.c_attn.weight is int32"),
+    ("codegpt.finetune.sample", ["{w}/adapter-int32"], "adapter-int32/adapter.safetensors: transformer.h.0.attn.c_attn.lora_A is int32"),
+    ("codegpt.finetune.merge", ["{w}/adapter-int32", "{w}/merged"], "lora_A is int32"),
+    ("codegpt.base.convert", ["{w}/int32.pt", "{w}/out"], "int32.pt: transformer.h.0.attn.c_attn.weight is int32"),
 ]
 
 
@@ -232,17 +305,23 @@ def test_a_command_refuses_bad_input_in_one_line_and_changes_nothing(world, comm
                                                                      monkeypatch):
     monkeypatch.chdir(world)  # whatever a command would write by default lands where it is hashed
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_refused(world, command, args, names, capsys)
+
+
+def assert_refused(world: Path, command: str, args: list[str], names: str, capsys) -> str:
+    """Run `command` on `args`: one line on stderr naming `names`, exit 2, the world unchanged."""
     main = importlib.import_module(command).main
     before = snapshot(world)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main([a.replace("{w}", str(world)) for a in args])
+        main([a.replace("{w}", str(world)).replace("{root}", str(ROOT)) for a in args])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2, err
     assert "Traceback" not in out + err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert names.replace("{w}", str(world)) in err, err
     assert snapshot(world) == before
+    return err
 
 
 # The API: (request body, or raw bytes, the field the JSON error must name)
@@ -308,3 +387,65 @@ def test_the_readmes_accelerate_example_prints_our_line_alone():
     result = subprocess.run([accelerate, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.stderr == expected + "\n" and result.returncode == 1, result.stderr
+
+
+def _fills_the_disk(written: bytes):
+    """A stand-in for safetensors' save_file on a full disk: part of the file lands, then the
+    error safetensors raises (its Rust I/O error quotes the errno)."""
+    from safetensors import SafetensorError
+
+    def save_file(tensors, path, metadata=None):
+        Path(path).write_bytes(written)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return save_file
+
+
+@pytest.mark.parametrize("command,args", [
+    ("codegpt.finetune.merge", ["{w}/adapter", "{w}/disk-full/merged", "--overwrite"]),
+    ("codegpt.base.convert", ["{w}/run/final", "{w}/disk-full/converted", "--overwrite"]),
+    ("codegpt.base.convert", ["{w}/run/final", "{w}/disk-full/hf", "--to", "hf", "--overwrite"]),
+])
+def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_model_stays(world, command, args, capsys,
+                                                                               monkeypatch):
+    """The disk fills while the weights are written: one line with the path and the bytes needed,
+    exit 2, the temporaries gone and the model written before (by the same command) untouched."""
+    monkeypatch.chdir(world)
+    argv = [a.replace("{w}", str(world)) for a in args]
+    importlib.import_module(command).main(argv)  # the previous model, written while there was room
+    monkeypatch.setattr("codegpt.base.checkpoint.save_file", _fills_the_disk(b"\0" * 1000))
+    monkeypatch.setattr("codegpt.base.convert.save_file", _fills_the_disk(b"\0" * 1000))
+    err = assert_refused(world, command, args, f"{argv[1]}: no space left on the device (needs ", capsys)
+    assert re.search(r"needs (more than )?[\d,]+ bytes, [\d,]+ free\)", err), err
+
+
+def test_a_full_disk_while_writing_task_examples_keeps_the_earlier_ones(world, capsys, monkeypatch):
+    """Through base/fileio.py's atomic file writes (task examples, results, a run's files): the
+    OSError of a full disk (here from fsync, where a delayed allocation reports it) is one line."""
+    import errno
+
+    monkeypatch.chdir(world)
+    args = ["{w}/recipes/task.yaml", "task.data_dir={w}/disk-full/tasks", "task.max_examples=20"]
+    importlib.import_module("codegpt.tasks.build").main([a.replace("{w}", str(world)) for a in args])
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert_refused(world, "codegpt.tasks.build", args, "disk-full/tasks/summary.json: no space left on the device "
+                   "(needs ", capsys)
+
+
+def test_a_failed_shard_build_leaves_no_directory(world, capsys, monkeypatch):
+    """A new shard directory whose build fails before its first shard (a corpus row without
+    content) is removed; the bar's lines aside, the error is the command's last line."""
+    monkeypatch.chdir(world)
+    before = snapshot(world)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("codegpt.base.data.build").main(
+            [f"{world}/recipes/tiny.yaml", "data.source=files", f"data.paths=[{world}/corpus-norows/docs.jsonl]",
+             f"data.shard_dir={world}/new-shards"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.endswith(f"error: {world}/corpus-norows/docs.jsonl: row 1 has no `content` field\n"), err
+    assert snapshot(world) == before

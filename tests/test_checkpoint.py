@@ -176,3 +176,38 @@ def test_provenance_records_the_commit_of_the_code_not_of_an_enclosing_repositor
     result = subprocess.run([sys.executable, "-c", probe], cwd=run_dir, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(code / "base")})
     assert result.stdout.strip() == (git("rev-parse", "HEAD", cwd=outer) if tracked else "None")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weights_stored_in_half_precision_load(tmp_path, tiny_model, dtype):
+    """Any floating dtype stands for any other: the weights are cast to the model's on load."""
+    save_model(tmp_path / "ckpt", tiny_model.to(dtype))
+    loaded = load_model(tmp_path / "ckpt")
+    tiny_model.float()
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-2), name
+
+
+def test_integer_weights_are_refused_naming_the_tensor_and_its_dtype(tmp_path, tiny_model):
+    """An int32 tensor used to be cast to float without a word and the model sampled garbage; an
+    integer buffer of the model itself (active_ids, the ids a model trained over) still loads."""
+    from safetensors.torch import load_file, save_file
+
+    save_model(tmp_path / "ckpt", tiny_model)
+    weights = tmp_path / "ckpt/model.safetensors"
+    state = load_file(weights)
+    state["transformer.h.1.mlp.c_fc.weight"] = state["transformer.h.1.mlp.c_fc.weight"].to(torch.int32)
+    save_file(state, weights)
+    with pytest.raises(UserError, match=r"ckpt: transformer\.h\.1\.mlp\.c_fc\.weight is int32; the model's "
+                                        r"transformer\.h\.1\.mlp\.c_fc\.weight is floating point"):
+        load_model(tmp_path / "ckpt")
+
+    torch.manual_seed(0)
+    restricted = GPT(tiny_config(active_vocab=3))
+    restricted.active_ids.copy_(torch.tensor([5, 7, 11]))
+    save_model(tmp_path / "restricted", restricted)
+    assert load_model(tmp_path / "restricted").active_ids.tolist() == [5, 7, 11]
+    state = load_file(tmp_path / "restricted/model.safetensors")
+    save_file({**state, "active_ids": state["active_ids"].float()}, tmp_path / "restricted/model.safetensors")
+    with pytest.raises(UserError, match=r"active_ids is float32; the model's active_ids is integer \(int64\)"):
+        load_model(tmp_path / "restricted")
