@@ -449,3 +449,33 @@ def test_a_failed_shard_build_leaves_no_directory(world, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.endswith(f"error: {world}/corpus-norows/docs.jsonl: row 1 has no `content` field\n"), err
     assert snapshot(world) == before
+
+
+# Run under `unshare -m` as root: a 20 MB tmpfs of its own holds one merged model (13 MB) but not a
+# second one beside it, so the second merge meets a real full disk (safetensors' own error).
+ON_A_SMALL_DISK = """
+import hashlib, json, os, subprocess, sys
+disk, adapter = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", disk], check=True)
+merge = [sys.executable, "-m", "codegpt.finetune.merge", adapter, disk + "/merged"]
+def files():
+    return {name: hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+            for root, _, names in os.walk(disk) for name in names}
+first = subprocess.run(merge, capture_output=True, text=True)
+before = files()
+second = subprocess.run(merge + ["--overwrite"], capture_output=True, text=True)
+print(json.dumps({"first": first.returncode, "second": second.returncode, "stderr": second.stderr,
+                  "before": before, "after": files(), "entries": os.listdir(disk)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root to mount a tmpfs")
+def test_a_merge_onto_a_really_full_disk_keeps_the_previous_model(world, tmp_path):
+    result = subprocess.run(["unshare", "-m", sys.executable, "-c", ON_A_SMALL_DISK, str(tmp_path), str(world / "adapter")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    report = json.loads(result.stdout)
+    assert report["first"] == 0 and report["second"] == 2, report["stderr"]
+    assert re.fullmatch(rf"error: {tmp_path}/merged: no space left on the device \(needs [\d,]+ bytes, [\d,]+ free\); "
+                        r"nothing was replaced\n", report["stderr"]), report["stderr"]
+    assert report["after"] == report["before"] and set(report["before"]) == {"config.json", "model.safetensors"}
+    assert report["entries"] == ["merged"]  # no temporary left beside it
