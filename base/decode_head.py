@@ -1,10 +1,11 @@
-"""The head decoding multiplies by, one row at a time: the plain head, or a cheap ranking of the
-vocabulary followed by exact logits for its best candidates.
+"""The head decoding multiplies by: the plain head, or a cheap ranking of the vocabulary followed
+by exact logits for each row's best candidates.
 
-Decoding one row reads the whole head matrix per token: most of a small model's weight bytes
-(180 of 278 MB for the 70M in fp32), and on a CPU decoding is bound by those bytes. A quantised
-copy of the head ranks the vocabulary reading fewer of them; only the top `CANDIDATES` logits are
-then recomputed from the fp32 rows, and the rest are -inf. Greedy decoding and top-k sampling with
+A decoding step reads the whole head matrix: most of a small model's weight bytes (180 of 278 MB
+for the 70M in fp32), and on a CPU decoding is bound by those bytes, for one row as for a batch
+of 16 (`python -m bench.decode_batch` measures both heads at each batch size). A quantised copy
+of the head ranks the vocabulary reading fewer of them; only each row's top `CANDIDATES` logits
+are then recomputed from the fp32 rows, and the rest are -inf. Greedy decoding and top-k sampling with
 k <= CANDIDATES only ever look at those, so they get the plain head's logits and tokens (unless a
 quantisation error exceeded the gap between the k-th and the 128th logit). Which copy ranks is
 decided at run time, from what this PyTorch build and CPU have:
@@ -12,8 +13,8 @@ decided at run time, from what this PyTorch build and CPU have:
 - int8 (per-row scales), multiplied by the quantised engine PyTorch ships for x86 (fbgemm, with
   AVX2 or AVX-512 kernels): a quarter of the fp32 bytes;
 - else bf16, on CPUs with AVX512-BF16 (elsewhere bf16 arithmetic is emulated and slower than fp32);
-- else none: the plain head. So on GPUs, for batches of rows (a matrix product, as fast in fp32),
-  LoRA heads, and sampling from the whole vocabulary.
+- else none: the plain head. So on GPUs, for LoRA heads, and for sampling from the whole
+  vocabulary.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def has_int8_engine() -> bool:
 
 
 def int8_ranker(weight: torch.Tensor) -> Ranker | None:
-    """hidden (C,) -> approximate logits (V,) from an int8 copy of `weight`, or None where this
-    PyTorch cannot build one."""
+    """hidden (B, C) -> approximate logits (B, V) from an int8 copy of `weight`, or None where
+    this PyTorch cannot build one."""
     try:
         # PyTorch marks its quantised tensors deprecated in favour of torchao; they still ship
         # fbgemm's int8 kernels, and the fallback below covers a build without them.
@@ -57,12 +58,12 @@ def int8_ranker(weight: torch.Tensor) -> Ranker | None:
                 torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8), None)
     except (AttributeError, RuntimeError):
         return None
-    return lambda hidden: torch.ops.quantized.linear_dynamic(hidden[None].float(), packed)[0]
+    return lambda hidden: torch.ops.quantized.linear_dynamic(hidden.float(), packed)
 
 
 def bf16_ranker(weight: torch.Tensor) -> Ranker:
     half = weight.detach().to(torch.bfloat16)
-    return lambda hidden: torch.mv(half, hidden.to(torch.bfloat16)).float()
+    return lambda hidden: (hidden.to(torch.bfloat16) @ half.T).float()
 
 
 def ranker_for(weight: torch.Tensor) -> Ranker | None:
@@ -84,7 +85,7 @@ def ranker_for(weight: torch.Tensor) -> Ranker | None:
 def next_token_head(model: GPT, only_top: int | None, banned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from final hidden states (B, C) to next-token logits (B, V), `banned` ids at
     -inf. `only_top`: the most candidates the sampler looks at (1 for greedy, k for top-k, None
-    for the whole vocabulary); within CANDIDATES, a single row is ranked by `ranker_for`."""
+    for the whole vocabulary); within CANDIDATES, the rows are ranked by `ranker_for`."""
     weight = model.lm_head.weight
 
     def exact(hidden: torch.Tensor) -> torch.Tensor:
@@ -97,12 +98,10 @@ def next_token_head(model: GPT, only_top: int | None, banned: torch.Tensor) -> C
         return exact
 
     def ranked(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] != 1:
-            return exact(hidden)
-        approx = rank(hidden[0]).masked_fill_(banned, float("-inf"))
-        candidates = approx.topk(min(CANDIDATES, approx.shape[0])).indices
-        logits = torch.full_like(approx, float("-inf"))
-        logits[candidates] = weight[candidates] @ hidden[0]
-        return logits[None]
+        approx = rank(hidden).masked_fill_(banned, float("-inf"))
+        candidates = approx.topk(min(CANDIDATES, approx.shape[1]), dim=-1).indices
+        chosen = torch.bmm(weight[candidates], hidden[:, :, None].to(weight.dtype))[..., 0]
+        # A vocabulary with fewer than CANDIDATES allowed ids ranks banned ones too: mask again.
+        return torch.full_like(approx, float("-inf")).scatter_(1, candidates, chosen).masked_fill_(banned, float("-inf"))
 
     return ranked

@@ -8,10 +8,10 @@ Three things differ from nanoGPT's model.py:
 - with targets, the head and the loss run together in `base/loss.py`, which never holds float32
   logits for the whole batch; the model hands it the head's operands (`Head.operands`);
 - rows may pack several examples (`segments`): attention and positions stay inside each one;
-- inference runs with a preallocated KV cache (`KVCache`, one `LayerCache` per attention layer),
-  for batches of prompts of different lengths (left-padded, the padding masked out), and a
-  decoding step whose shapes never change, so a GPU can replay it as a CUDA graph
-  (`GPT.decode_step`).
+- inference continues from a KV cache (`GPT.cached_hidden_states`): each attention layer hands
+  its new keys and values to its layer's cache, which stores them and returns those to attend
+  to. The caches live in `base/slots.py`: rows of one cache, each with its own length, and a
+  decoding step with fixed shapes that a GPU replays as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -60,83 +60,6 @@ class GPTConfig:
             raise InvalidValue("active_vocab", f"must be in [1, vocab_size={self.vocab_size}], got {self.active_vocab}")
 
 
-class LayerCache:
-    """One attention layer's keys and values, (B, n_head, max_len, head_dim), written where the
-    `KVCache` that owns it says: a span of slots (prefill, eager decoding) or one slot held in a
-    tensor (the fixed-shape decoding step)."""
-
-    def __init__(self, owner: "KVCache", shape: tuple[int, ...], device, dtype):
-        self.owner = owner
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys and values; return the keys and values attention reads."""
-        where = self.owner.write_at
-        if isinstance(where, torch.Tensor):  # every slot comes back; the mask hides the unwritten
-            self.k.index_copy_(2, where, k)
-            self.v.index_copy_(2, where, v)
-            return self.k, self.v
-        self.k[:, :, where] = k
-        self.v[:, :, where] = v
-        return self.k[:, :, : where.stop], self.v[:, :, : where.stop]
-
-
-class KVCache:
-    """Keys and values of every layer for up to `max_len` positions, allocated once.
-
-    `key_valid` marks real (non-padding) positions; prompts of different lengths are left-padded,
-    so each row's tokens get positions counted from its first real token.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.layers = [LayerCache(self, shape, device, dtype) for _ in range(config.n_layer)]
-        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.slots = torch.arange(max_len, device=device)
-        self.max_len = max_len
-        self.length = 0
-        self.padded = False
-        self.write_at: slice | torch.Tensor = slice(0, 0)
-
-    def append(self, valid: torch.Tensor) -> tuple[int, int]:
-        """Reserve the next `valid.shape[1]` slots for the layers to write; returns (start, end)."""
-        start, end = self.length, self.length + valid.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.key_valid[:, start:end] = valid
-        self.padded = self.padded or not bool(valid.all())
-        self.length = end
-        self.write_at = slice(start, end)
-        return start, end
-
-    def positions(self, start: int, end: int) -> torch.Tensor:
-        """Position ids of the slots start..end: the count of real tokens before each."""
-        counts = self.key_valid[:, :end].long().cumsum(1) - 1
-        return counts[:, start:end].clamp(min=0)
-
-    def attention_mask(self, start: int, end: int) -> torch.Tensor | None:
-        """Boolean (B, 1, T, end) mask: causal and not padding. None when `is_causal` suffices."""
-        if not self.padded and (start == 0 or end - start == 1):
-            return None
-        query_pos = torch.arange(start, end, device=self.key_valid.device)[:, None]
-        key_pos = torch.arange(end, device=self.key_valid.device)[None, :]
-        causal = key_pos <= query_pos
-        mask = causal[None] & self.key_valid[:, None, :end]
-        # A padding query sees no real key; let it see itself so softmax stays finite.
-        mask |= (key_pos == query_pos)[None]
-        return mask[:, None]
-
-    def slot_step(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mark the one-element tensor `slot` as the next real token of every row, with no host
-        synchronisation and no shape that depends on it; returns the rows' position ids (B, 1) and
-        the (B, 1, 1, max_len) mask of the keys they see."""
-        self.key_valid.index_fill_(1, slot, True)
-        seen = self.key_valid & (self.slots <= slot)
-        self.write_at = slot
-        return (seen.sum(1, keepdim=True) - 1), seen[:, None, None, :]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -147,18 +70,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerCache | None = None):
-        """`mask` (B, 1, T, keys), True = attend; None = causal. With `cache`, this step's keys and
-        values join the earlier ones."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None):
+        """`mask` (B, 1, T, keys), True = attend; None = causal. With `cache` (an object whose
+        `update(k, v)` stores this step's keys and values and returns the keys and values to
+        attend to), decoding continues from the earlier ones."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(k, v)
         dropout = self.dropout if self.training else 0.0
-        # A single cached query attends to every stored key: causal from the start.
-        causal = mask is None and (cache is None or T > 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -278,29 +200,18 @@ class GPT(nn.Module):
             pos, mask = segment_positions_and_mask(segments)
         return self._blocks(idx, pos, mask, [None] * self.config.n_layer)
 
-    def cached_hidden_states(self, idx: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None):
-        """Final-LayerNorm outputs (B, T, n_embd) of `idx` continuing what `cache` holds, the new
-        keys and values stored. `valid` (B, T) marks real tokens (False = left padding)."""
-        span = cache.append(torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
-        return self._blocks(idx, cache.positions(*span), cache.attention_mask(*span), cache.layers)
-
-    def decode_step(self, idx: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final-LayerNorm outputs (B, 1, n_embd) of one token per row (`idx`, B x 1) stored at
-        cache slot `slot` (a one-element tensor). Every shape is fixed and nothing waits for the
-        host, so the step can be captured once as a CUDA graph and replayed for each token; it
-        computes what `cached_hidden_states` does, attending over all slots under a mask."""
-        pos, mask = cache.slot_step(slot)
-        return self._blocks(idx, pos, mask, cache.layers)
+    def cached_hidden_states(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                             caches: list) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, n_embd) of `idx` at positions `pos`, continuing sequences
+        whose keys and values `caches` (one per block; see base/slots.py) hold. `mask` (B, 1, T,
+        keys), True = attend; None = causal over this call's tokens."""
+        return self._blocks(idx, pos, mask, caches)
 
     def _blocks(self, idx, pos, mask, caches) -> torch.Tensor:
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block, cache in zip(self.transformer.h, caches):
             x = block(x, mask, cache)
         return self.transformer.ln_f(x)
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        weight = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, weight.device, weight.dtype)
 
 
 def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from codegpt.base.recipe_loader import build_in_file
 from codegpt.base.errors import UserError
 from codegpt.base.fileio import atomic_write_text, read_json
 from codegpt.base.model import GPT
-from codegpt.finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
+from codegpt.finetune.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state, target_names
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -65,19 +65,51 @@ def read_adapter_weights(path: str | os.PathLike, model: torch.nn.Module) -> Non
     load_adapter_state(unwrap(model), state, source=str(path))
 
 
+def check_base(path: str | os.PathLike, document: dict, actual_hash: str) -> None:
+    """Refuse a base other than the one the adapter at `path` (its config `document`) was trained on."""
+    expected = document["base_hash"]
+    if actual_hash != expected:
+        raise UserError(f"{path}: this adapter was trained on another base ({document['base']}, weights hash "
+                        f"{expected[:12]}); the model given has hash {actual_hash[:12]}")
+
+
 def attach_adapter(model: GPT, path: str | os.PathLike, base_hash: str | None = None) -> GPT:
     """Add the LoRA layers of the adapter at `path` to `model` and load their weights, after
     checking that `model` is the base the adapter was trained on."""
     document = read_adapter_config(path)
-    expected = document["base_hash"]
-    actual = base_hash or weights_hash(model.state_dict())
-    if actual != expected:
-        raise UserError(f"{path}: this adapter was trained on another base ({document['base']}, weights hash "
-                        f"{expected[:12]}); the model given has hash {actual[:12]}")
+    check_base(path, document, base_hash or weights_hash(model.state_dict()))
     apply_lora(model, build_in_file(LoRAConfig, document["lora"], Path(path) / ADAPTER_CONFIG, "lora."))
     read_adapter_weights(path, model)
     model.config.fim = model.config.fim or document.get("fim") is True
     return model.eval()
+
+
+def read_adapter_factors(model: GPT, path: str | os.PathLike,
+                         base_hash: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """The adapter at `path`, for a model that serves several at once (finetune/multi_lora.py):
+    {module name: (A (r x in), scaling * B (out x r))} and its config, after checking that
+    `model` (whose weights hash is `base_hash`) is its base and that its tensors fit the model."""
+    document = read_adapter_config(path)
+    check_base(path, document, base_hash)
+    lora = build_in_file(LoRAConfig, document["lora"], Path(path) / ADAPTER_CONFIG, "lora.")
+    lora.validate()
+    shapes = {}
+    for name in target_names(model, lora.targets):
+        layer = model.get_submodule(name)
+        shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (lora.r, layer.in_features), (layer.out_features, lora.r)
+    source = Path(path) / ADAPTER_FILE
+    state = read_safetensors(source)
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise UserError(f"{source}: adapter tensors do not fit the model "
+                        f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape or not state[key].is_floating_point():
+            raise UserError(f"{source}: {key} is {state[key].dtype} of shape {tuple(state[key].shape)}, "
+                            f"the model expects floating point of shape {shape}")
+    factors = {key[: -len(".lora_A")]: (state[key].float(), state[key[:-1] + "B"].float() * lora.scaling)
+               for key in shapes if key.endswith(".lora_A")}
+    return factors, document
 
 
 def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None,

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from accelerate import PartialState
 
 from codegpt.base.errors import ArgumentParser, UserError, cli_entry, positive_int
 from codegpt.base.fileio import check_input_file
-from codegpt.base.generate import MIN_TEMPERATURE, BadOption, Sampling, not_trained_for_infilling, stream
+from codegpt.base.generate import not_trained_for_infilling, stream
 from codegpt.base.model import GPT
+from codegpt.base.sampling import MIN_TEMPERATURE, BadOption, Sampling
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.finetune.adapter import load_for_inference
 from codegpt.tasks.jsonl import read_jsonl
@@ -64,8 +64,7 @@ def print_stream(model: GPT, tokenizer: Tokenizer, prompts: list[str], sampling:
         out.write(prompt)
         text = ""
         # Each sample of a seeded run gets its own seed, so repeated prompts give different samples.
-        seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
-        for _, piece in stream(model, tokenizer, [prompt], seeded, [suffix]):
+        for _, piece in stream(model, tokenizer, [prompt], sampling.nth(i), [suffix]):
             out.write(piece)
             out.flush()
             text += piece

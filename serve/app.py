@@ -28,7 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from codegpt.base.generate import BadOption, Sampling, not_trained_for_infilling, stream
+from codegpt.base.generate import not_trained_for_infilling, stream
+from codegpt.base.sampling import BadOption, Sampling
 from codegpt.base.model import GPT
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.tasks.humaneval import STOP as HUMANEVAL_STOP

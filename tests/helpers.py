@@ -40,3 +40,24 @@ def losses(out_dir: Path) -> list[dict]:
 def comparable(record):
     """A metrics line without its timings."""
     return {k: v for k, v in record.items() if k not in ("tokens_per_s", "step_s")}
+
+
+def write_adapter(directory: Path, base, base_dir: Path, lora, seed: int) -> Path:
+    """An adapter of `base` (saved at `base_dir`) with random factors large enough to change
+    what it writes, as `codegpt sft` would leave it."""
+    import copy
+
+    from codegpt.base.provenance import weights_hash
+    from codegpt.finetune.adapter import write_adapter_files
+    from codegpt.finetune.lora import apply_lora
+
+    model = copy.deepcopy(base)
+    apply_lora(model, lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    directory.mkdir(parents=True)
+    write_adapter_files(directory, model, lora, str(base_dir), weights_hash(base.state_dict()))
+    return directory

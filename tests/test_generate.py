@@ -5,11 +5,11 @@ bf16-ranked decode head gives the plain head's logits and tokens."""
 import pytest
 import torch
 
-import codegpt.base.generate as generate_module
 from codegpt.base.errors import UserError
 from codegpt.base import decode_head
 from codegpt.base.decode_head import next_token_head
-from codegpt.base.generate import Sampling, banned_ids, generate, sample_next, stream
+from codegpt.base.generate import banned_ids, generate, stream
+from codegpt.base.sampling import MAX_SEED, MIN_TEMPERATURE, Sampling, sample_next
 from codegpt.base.tokenizer import Tokenizer
 from tests.helpers import tiny_config
 from codegpt.base.model import GPT
@@ -108,7 +108,7 @@ def test_bad_options_name_the_option(model, tokenizer, bad, field):
 
 
 def test_the_smallest_temperature_and_the_largest_seed_work(model, tokenizer):
-    sampling = Sampling(max_new_tokens=5, temperature=generate_module.MIN_TEMPERATURE, seed=generate_module.MAX_SEED)
+    sampling = Sampling(max_new_tokens=5, temperature=MIN_TEMPERATURE, seed=MAX_SEED)
     assert generate(model, tokenizer, ["x"], sampling) == generate(model, tokenizer, ["x"],
                                                                     Sampling(max_new_tokens=5, temperature=0))
 
