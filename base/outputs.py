@@ -1,4 +1,4 @@
-"""The one check of every path a command writes, and of every file a command reads by name.
+"""The one check of every path a command writes.
 
 Every command calls `check_output` for each place it will write, before any work starts, so that a
 bad output is one line (a UserError) instead of a traceback after an hour of work or, worse, a
