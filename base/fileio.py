@@ -62,11 +62,24 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes its files 0600 and directories 0700, private to the writer; what appears under
+# the final name gets the modes any new file or directory would (0644 and 0755 under umask 022).
+_UMASK = _umask()
+FILE_MODE, DIRECTORY_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -99,10 +112,12 @@ def atomic_directory(path: str | os.PathLike, size: int | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(DIRECTORY_MODE)
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():
                 with open(child, "rb") as f:
+                    os.fchmod(f.fileno(), FILE_MODE)  # safetensors writes 0600 files too
                     os.fsync(f.fileno())
         old = path.with_name(path.name + ".old")
         if path.exists():

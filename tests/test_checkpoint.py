@@ -42,6 +42,17 @@ def test_save_load_round_trip_is_exact(tmp_path, tiny_model):
     assert weights_hash(loaded.state_dict()) == weights_hash(tiny_model.state_dict())
 
 
+def test_a_saved_model_is_readable_as_any_new_file_is(tmp_path, tiny_model):
+    """The atomic writers' temporaries are private (0600 files, 0700 directories); the model that
+    appears under its final name gets the modes a plain new file and directory get here."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain/file").write_text("x")
+    save_model(tmp_path / "ckpt", tiny_model)
+    mode = lambda path: os.stat(path).st_mode & 0o777
+    assert mode(tmp_path / "ckpt") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "ckpt/config.json") == mode(tmp_path / "ckpt/model.safetensors") == mode(tmp_path / "plain/file")
+
+
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, tiny_model):
     save_model(tmp_path / "ckpt", tiny_model)
     before = (tmp_path / "ckpt/model.safetensors").read_bytes()
