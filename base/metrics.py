@@ -1,20 +1,24 @@
 """Training metrics: `metrics.jsonl` in the run directory, wandb when enabled, PNG plots.
 
 Only the main process writes. A resumed run first drops the lines logged after its checkpoint,
-so the file reads as if the run had never stopped.
+so the file reads as if the run had never stopped. A full disk is a UserError naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
 from pathlib import Path
 
-from codegpt.base.fileio import atomic_write_text
+from codegpt.base.errors import UserError
+from codegpt.base.fileio import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+PLOTS = ("loss.png", "perplexity.png", "lr.png", "throughput.png")
 
 
 class MetricsLog:
@@ -28,8 +32,15 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"{self.path}: no space left on the device for {len(line)} more bytes of metrics "
+                            f"({err.strerror}); stopped at step {record['step']}") from None
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
@@ -66,7 +77,7 @@ class MetricsLog:
             self.wandb_run = None
 
     def plot(self) -> None:
-        """loss.png, perplexity.png, lr.png and throughput.png in the run directory."""
+        """PLOTS in the run directory, each written atomically."""
         if not self.enabled:
             return
         records = self.records()
@@ -91,19 +102,20 @@ class MetricsLog:
             if len(series) > 1:
                 ax.legend()
             fig.tight_layout()
-            tmp = self.out_dir / f".{name}.tmp.png"
-            fig.savefig(tmp)
+            image = io.BytesIO()
+            fig.savefig(image, format="png")
             plt.close(fig)
-            os.replace(tmp, self.out_dir / name)
+            atomic_write_bytes(self.out_dir / name, image.getvalue())
 
         for r in train:
             r["ppl"] = math.exp(min(r["loss"], 50.0))
-        figure("loss.png", "Loss", "cross-entropy (nats/token)",
+        loss, perplexity, lr, throughput = PLOTS
+        figure(loss, "Loss", "cross-entropy (nats/token)",
                [("train", train, "loss", "-"), ("validation", val, "val_loss", "o-")])
-        figure("perplexity.png", "Perplexity", "perplexity",
+        figure(perplexity, "Perplexity", "perplexity",
                [("train", train, "ppl", "-"), ("validation", val, "val_ppl", "o-")], log_y=True)
-        figure("lr.png", "Learning rate", "lr", [("lr", train, "lr", "-")])
-        figure("throughput.png", "Throughput", "tokens/s", [("tokens/s", train, "tokens_per_s", "-")])
+        figure(lr, "Learning rate", "lr", [("lr", train, "lr", "-")])
+        figure(throughput, "Throughput", "tokens/s", [("tokens/s", train, "tokens_per_s", "-")])
 
 
 def _wandb_id(out_dir: Path) -> str:

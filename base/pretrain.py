@@ -5,7 +5,7 @@
 
 With no recipe it runs recipes/pretrain-70m.yaml, the seed's run on CodeParrot for one A100.
 Token shards are built on first use (see base/data/build.py); a run directory that holds
-checkpoints is resumed from the newest one unless `train.resume=false`.
+checkpoints is resumed from the newest one unless `train.resume=false` (see base/run_dir.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codegpt.base.checkpoint import WEIGHTS_FILE
 from codegpt.base.wrappers import unwrap
 from codegpt.base.recipe_loader import load_recipe, split_cli_args
 from codegpt.base.data.build import ensure_shards
@@ -29,6 +30,7 @@ from codegpt.base.data.loader import BatchLoader
 from codegpt.base.model import GPT, GPTConfig
 from codegpt.base.quality import describe, parse_rate
 from codegpt.base.recipe import PretrainRecipe
+from codegpt.base.run_dir import QUALITY_FILE, RunDirectory
 from codegpt.base.data.shards import read_index
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.base.train import Trainer, make_accelerator, validation_sample
@@ -57,6 +59,14 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     if recipe.model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size: {recipe.model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size} ids")
+    with RunDirectory(recipe.out_dir, "pretrain", accelerator, inputs={"shard directory": recipe.data.shard_dir},
+                      weights_file=WEIGHTS_FILE) as run_dir:
+        last = _pretrain(recipe, accelerator, tokenizer, run_dir)
+    accelerator.end_training()
+    return last
+
+
+def _pretrain(recipe: PretrainRecipe, accelerator, tokenizer: Tokenizer, run_dir: RunDirectory) -> dict:
     with accelerator.main_process_first():
         shard_dir = ensure_shards(recipe.data, tokenizer)
     active_ids = data_vocabulary(shard_dir, tokenizer, recipe.model.vocab_size) if recipe.data.vocab_subset else None
@@ -79,17 +89,16 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     trainer = Trainer(model=model, train_batches=train_batches,
                       val_batches=validation_sample(val_windows, recipe.train, recipe.model.block_size, world,
                                                     "data.val_fraction"),
-                      train=recipe.train, log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator,
+                      train=recipe.train, log=recipe.log, run_dir=run_dir, accelerator=accelerator,
                       recipe=recipe, block_size=recipe.model.block_size, fixed_keys=MODEL_KEYS)
     last = trainer.run()
     if accelerator.is_main_process and "val_loss" in last:
         print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity "
-              f"{math.exp(last['val_loss']):.2f}); model in {Path(recipe.out_dir) / 'final'}")
+              f"{math.exp(last['val_loss']):.2f}); model in {run_dir.final}")
     if accelerator.is_main_process and recipe.log.quality_samples:
         report = parse_rate(unwrap(trainer.model), tokenizer, recipe.log.quality_samples)
-        atomic_write_text(Path(recipe.out_dir) / "quality.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(run_dir.path / QUALITY_FILE, json.dumps(report, indent=2) + "\n")
         print(describe(report))
-    accelerator.end_training()
     return last
 
 

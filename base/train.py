@@ -8,26 +8,32 @@ gradient clipping, mixed precision and DDP through Accelerate, periodic validati
 that resume exactly (weights, optimizer states, step, RNG states, data cursor), metrics to
 `metrics.jsonl`, wandb and PNG plots.
 
-A run stops with a UserError, writing nothing, when its loss or weights turn non-finite (the
-last good checkpoint stays the newest), or when it would resume checkpoints made for another
-model. Temporary names that a killed checkpoint save left behind are removed at the next start.
+A run stops with a UserError, writing nothing, when its loss or weights turn non-finite, or
+when a checkpoint save finds the disk full (the last good checkpoint stays the newest, the save's
+temporaries removed). What a run directory holds, and whether a run may resume from it, is
+base/run_dir.py's job.
+
+On a GPU the batches go to the device from pinned memory without the host waiting (`to_device`),
+and the next step's batches are drawn while the GPU works on this one, so data loading overlaps
+the step. Under torch.compile the model compiles twice, once each: the training step (forward
+and backward, for the one batch shape every loader gives: micro_batch_size x block_size), and at
+the first evaluation the forward without gradients in eval mode (dynamo guards on grad mode and on
+the module's training flag; that graph saves no activations and drops no units). Batches of
+another shape would compile again; none come.
 
 Callers supply the model, a training batch source (`next_batch()` giving inputs, targets and
-optionally segment ids of packed examples; `state_dict()`, `load_state_dict()`; per rank) and a
-function that yields this rank's validation batches.
+optionally segment ids of packed examples; `state_dict()`, `load_state_dict()`; per rank), a
+function that yields this rank's validation batches, and the open RunDirectory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import re
-import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -39,28 +45,21 @@ from tqdm.auto import tqdm
 from codegpt.base import budget
 from codegpt.base.checkpoint import read_model_weights, write_model_files
 from codegpt.base.provenance import provenance
+from codegpt.base.run_dir import RunDirectory, decided_on_main
 from codegpt.base.wrappers import unwrap
-from codegpt.base.recipe_loader import dump_recipe, read_yaml, to_dict
 from codegpt.base.errors import InvalidValue, UserError
-from codegpt.base.fileio import atomic_directory, atomic_write_text, recover, remove_temporaries
 from codegpt.base.loss import IGNORE_INDEX
 from codegpt.base.metrics import MetricsLog
 from codegpt.base.optimizers import make_optimizers
 from codegpt.base.recipe import LogConfig, TrainConfig, accumulation_steps
 
-STATE_FILE = "training_state.pt"
 # Recipe keys the optimizer states in a checkpoint depend on: resuming with another is refused.
 OPTIMIZER_KEYS = ("train.optimizer",)
-TRAINER_FILE = "trainer.json"
-RECIPE_FILE = "recipe.yaml"
-STEP_DIR = re.compile(r"^step-(\d+)$")
-# The names whose atomic writes a killed run leaves as `.NAME.XXXXXXXX.tmp` in its directory.
-RUN_TEMPORARIES = r"step-\d+|final|recipe\.yaml|run\.json|metrics\.jsonl|quality\.json|budget\.json"
 
 
 class BatchSource(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, ...]: ...
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict: ...  # a copy: the loop draws a step ahead and keeps the cursor before it
     def load_state_dict(self, state: dict) -> None: ...
 
 
@@ -119,15 +118,13 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
 
 
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete step checkpoints in `out_dir`, oldest first."""
-    if not out_dir.is_dir():
-        return []
-    for path in out_dir.iterdir():
-        if path.name.endswith(".old") and STEP_DIR.match(path.name[:-4]):
-            recover(out_dir / path.name[:-4])
-    steps = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(steps)]
+def to_device(batch: tuple, device: torch.device) -> tuple:
+    """A batch's tensors on `device`. To a GPU they go from pinned memory with non-blocking
+    copies: the copy is queued behind the work already queued and the host goes on (PyTorch's
+    pinned-memory cache keeps each buffer until its copy is done). On a CPU they stay as they are."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
 
 
 def labelled_targets(batch: tuple) -> int:
@@ -161,7 +158,7 @@ class Trainer:
     val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     train: TrainConfig
     log: LogConfig
-    out_dir: Path
+    run_dir: RunDirectory
     accelerator: Accelerator
     recipe: object  # written to the run directory as the recipe used
     block_size: int
@@ -173,7 +170,7 @@ class Trainer:
     read_weights: Callable[[Path, torch.nn.Module], None] = read_model_weights
 
     def __post_init__(self):
-        self.out_dir = Path(self.out_dir)
+        self.out_dir = self.run_dir.path
         acc = self.accelerator
         try:
             self.accumulation = accumulation_steps(self.train, self.block_size, acc.num_processes)
@@ -192,17 +189,16 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.metrics = MetricsLog(self.out_dir, enabled=acc.is_main_process)
+        # The next step's batches, drawn ahead, and the data cursor after this step's (what a checkpoint holds).
+        self._drawn: tuple | None = None
+        self.data_state = self.train_batches.state_dict()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in out_dir, if any."""
-        candidates = checkpoint_dirs(self.out_dir)
-        if not candidates:
-            return False
-        path = candidates[-1]
-        trainer_state = json.loads((path / TRAINER_FILE).read_text())
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at `path` (checked whole by the run directory): weights,
+        optimizer states, RNG states, step and data cursor, in memory."""
+        trainer_state, state = self.run_dir.read_checkpoint(path)
         self.read_weights(path, unwrap(self.model))
         # Checkpoints from before train.optimizer hold one AdamW state under "optimizer".
         for optimizer, optimizer_state in zip(self.optimizers, state.get("optimizers") or [state["optimizer"]],
@@ -216,9 +212,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.train_batches.load_state_dict(trainer_state["data"])
-        self.metrics.truncate_after(self.step)
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
-        return True
+        self.data_state = self.train_batches.state_dict()
 
     def save_checkpoint(self, final: bool = False) -> None:
         """out_dir/step-NNNNNN (weights + training state), the newest `keep_checkpoints` kept;
@@ -228,35 +222,36 @@ class Trainer:
         bad = next((name for name, p in unwrap(self.model).named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
             raise UserError(f"step {self.step}: the weights are not finite ({bad}); stopped without saving "
-                            f"them, {self._last_good()}")
+                            f"them, {self.run_dir.last_good()}")
         rng = gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]
-        if acc.is_main_process:
-            model = unwrap(self.model)
-            meta = provenance(step=self.step, tokens_seen=self.tokens_seen, run=str(self.out_dir))
-            trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen,
-                             "data": self.train_batches.state_dict(), "world_size": acc.num_processes}
-            with atomic_directory(self.out_dir / f"step-{self.step:06d}") as tmp:
-                self.write_weights(tmp, model, meta)
-                torch.save({"optimizers": [o.state_dict() for o in self.optimizers], "rng": rng}, tmp / STATE_FILE)
-                atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer_state, indent=2) + "\n")
-            for old in checkpoint_dirs(self.out_dir)[: -self.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            if final:
-                with atomic_directory(self.out_dir / "final") as tmp:
-                    self.write_weights(tmp, model, meta)
-            self.metrics.plot()
-        acc.wait_for_everyone()
+        model = unwrap(self.model)
+        meta = provenance(step=self.step, tokens_seen=self.tokens_seen, run=str(self.out_dir))
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data_state,
+                         "world_size": acc.num_processes}
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    def _last_good(self) -> str:
-        saved = checkpoint_dirs(self.out_dir)
-        return f"the last good checkpoint is {saved[-1]}" if saved else "and no checkpoint was saved before"
+        def write():
+            self.run_dir.write_checkpoint(
+                self.step, lambda directory: self.write_weights(directory, model, meta), weights_bytes,
+                {"optimizers": [o.state_dict() for o in self.optimizers], "rng": rng}, trainer_state,
+                keep=self.train.keep_checkpoints, final=final)
+            self.metrics.plot()
+
+        decided_on_main(acc, write)
 
     # --- the loop ------------------------------------------------------------------------------
 
     def _on_device(self, batch: tuple) -> tuple:
         """(inputs, targets, segments or None): pretraining batches have no segments, packed SFT rows do."""
-        x, y, *rest = (t.to(self.accelerator.device) for t in batch)
+        x, y, *rest = to_device(batch, self.accelerator.device)
         return x, y, rest[0] if rest else None
+
+    def _draw(self) -> tuple[list, list, dict]:
+        """A step's micro-batches (copies to the device queued), their labelled targets, and the
+        data cursor after them."""
+        batches = [self.train_batches.next_batch() for _ in range(self.accumulation)]
+        counts = [labelled_targets(batch) for batch in batches]
+        return [self._on_device(batch) for batch in batches], counts, self.train_batches.state_dict()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -277,45 +272,17 @@ class Trainer:
             raise UserError("validation split has no batch: lower train.micro_batch_size or add data")
         return (total / count).item()
 
-    def _check_resumable(self) -> None:
-        """Refuse, before anything is written, to resume a run whose checkpoints were made for
-        another model or optimizer: name the first key of `fixed_keys` or OPTIMIZER_KEYS that
-        differs from the run's recipe. A key the run's recipe lacks (it predates the key) had
-        the key's default."""
-        recipe_path = self.out_dir / RECIPE_FILE
-        if not (self.train.resume and recipe_path.is_file() and checkpoint_dirs(self.out_dir)):
-            return
-        before, lines = read_yaml(recipe_path)
-        now = to_dict(self.recipe)
-        for key in (*self.fixed_keys, *OPTIMIZER_KEYS):
-            old = _dotted(before, key) if key in lines else _default(self.recipe, key)
-            new = _dotted(now, key)
-            if old != new:
-                line = f":{lines[key]}" if key in lines else ""
-                raise UserError(f"{recipe_path}{line}: {key} is {old} in the run, {new} now (its checkpoints "
-                                "are for the run's value: keep it, or start over with train.resume=false or "
-                                "another out_dir)")
-        # A budget is timed inside the warm-up: a run already past it with no plan cannot take one.
-        step = json.loads((checkpoint_dirs(self.out_dir)[-1] / TRAINER_FILE).read_text())["step"]
-        if (self.train.time_budget_minutes is not None and budget.read_plan(self.out_dir) is None
-                and step >= self.train.warmup_steps):
-            raise UserError(f"train.time_budget_minutes: the run in {self.out_dir} is at step {step}, past its "
-                            f"{self.train.warmup_steps} warm-up steps, and has no budget plan ({budget.BUDGET_FILE}); "
-                            "a budget times warm-up steps: resume without it, or start over with "
-                            "train.resume=false or another out_dir")
-
     def run(self) -> dict:
         acc, train = self.accelerator, self.train
-        self._check_resumable()
-        if acc.is_main_process:
-            remove_temporaries(self.out_dir, RUN_TEMPORARIES)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_recipe(self.recipe, self.out_dir / RECIPE_FILE)
-            atomic_write_text(self.out_dir / "run.json", json.dumps(
-                provenance(processes=acc.num_processes, device=str(acc.device), mixed_precision=acc.mixed_precision,
-                           accumulation=self.accumulation, threads=torch.get_num_threads()), indent=2) + "\n")
-        if train.resume:
-            self.resume()
+        checkpoint = self.run_dir.check_resume(self.recipe, (*self.fixed_keys, *OPTIMIZER_KEYS), train)
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        self.run_dir.start(self.recipe, resuming=checkpoint is not None, processes=acc.num_processes,
+                           device=str(acc.device), mixed_precision=acc.mixed_precision,
+                           accumulation=self.accumulation, threads=torch.get_num_threads())
+        if checkpoint is not None:
+            self.metrics.truncate_after(self.step)
+            acc.print(f"resumed from {checkpoint} at step {self.step}")
         probe_end = self._start_budget()
         self.metrics.start_wandb(self.log, self.recipe, resume=self.step > 0)
         tokens_per_step = self.accumulation * train.micro_batch_size * self.block_size * acc.num_processes
@@ -334,12 +301,14 @@ class Trainer:
                     self._plan_budget(time.perf_counter() - started, step_times)
                     bar.total = self.train.max_steps
                     bar.refresh()
+        if not last and decided_on_main(acc, lambda: not self.run_dir.final.exists()):
+            self.save_checkpoint(final=True)  # resumed at its end: the save of final/ was cut short
         self.metrics.finish()
         return last
 
     def _start_budget(self) -> int | None:
         """With a time budget: take the plan a resumed run recorded, or return the step after
-        which to plan (None when there is nothing to plan). `_check_resumable` has refused a run
+        which to plan (None when there is nothing to plan). `RunDirectory.check_resume` has refused a run
         past its warm-up without a plan."""
         if self.train.time_budget_minutes is None:
             return None
@@ -381,14 +350,13 @@ class Trainer:
         # micro-batches: each micro-batch's mean loss weighs by its share of the step's targets,
         # whose count all ranks need before their first backward (one all-reduce, batches drawn
         # ahead). DDP then averages over ranks, hence the factor of num_processes.
-        batches = [self.train_batches.next_batch() for _ in range(self.accumulation)]
-        counts = [labelled_targets(batch) for batch in batches]
+        batches, counts, self.data_state = self._drawn or self._draw()
+        self._drawn = None
         step_targets = sum(counts)
         if acc.num_processes > 1:
             step_targets = int(acc.reduce(torch.tensor(step_targets, device=acc.device), "sum").item())
         loss_sum = torch.zeros((), device=acc.device)
-        for micro, (batch, labelled) in enumerate(zip(batches, counts)):
-            x, y, segments = self._on_device(batch)
+        for micro, ((x, y, segments), labelled) in enumerate(zip(batches, counts)):
             # DDP needs to all-reduce gradients only once per optimizer step.
             sync = micro == self.accumulation - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -403,12 +371,14 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if self.step + 1 < train.max_steps:  # while the GPU works on this step; `.item()` below waits for it
+            self._drawn = self._draw()
         self.step += 1
         self.tokens_seen += tokens_per_step
         loss_mean = (acc.reduce(loss_sum, "sum") / max(step_targets, 1)).item()
         if not math.isfinite(loss_mean):  # the same on every rank: all stop, before any checkpoint
             raise UserError(f"step {self.step}: the training loss is {loss_mean} (not finite); stopped, "
-                            f"{self._last_good()} (a lower train.lr may help)")
+                            f"{self.run_dir.last_good()} (a lower train.lr may help)")
         elapsed = time.perf_counter() - started
         last = {"step": self.step, "loss": loss_mean, "lr": lr, "tokens": self.tokens_seen,
                 "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
@@ -427,19 +397,3 @@ class Trainer:
         if self.step % train.checkpoint_interval == 0 or self.step == train.max_steps:
             self.save_checkpoint(final=self.step == train.max_steps)
         return last
-
-
-def _default(recipe, key: str):
-    """The default of a dotted recipe key (`train.optimizer` -> TrainConfig's `optimizer`)."""
-    *path, name = key.split(".")
-    section = recipe
-    for part in path:
-        section = getattr(section, part)
-    return next(f.default for f in fields(section) if f.name == name)
-
-
-def _dotted(data: dict, key: str):
-    """The value at a dotted key of nested mappings, or None where a part is missing."""
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data

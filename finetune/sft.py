@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
+from codegpt.base.checkpoint import WEIGHTS_FILE
 from codegpt.base.convert import load_any
 
 from codegpt.base.provenance import weights_hash
 from codegpt.base.recipe_loader import load_recipe, split_cli_args
 from codegpt.base.errors import UserError, cli_entry
+from codegpt.base.run_dir import RunDirectory
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.base.train import Trainer, make_accelerator, validation_sample
-from codegpt.finetune.adapter import read_adapter_weights, write_adapter_files
+from codegpt.finetune.adapter import ADAPTER_FILE, read_adapter_weights, write_adapter_files
 from codegpt.finetune.lora import LoRAConfig, apply_lora, trainable_summary
 from codegpt.finetune.packing import PackedBatches, encode_example
 from codegpt.finetune.recipe import SFTRecipe
@@ -55,6 +57,15 @@ def sft(recipe: SFTRecipe) -> dict:
     if not Path(recipe.base).exists():
         raise UserError(f"base: {recipe.base} not found (pretrain one with base/pretrain.py, or name a checkpoint)")
     accelerator = make_accelerator(recipe.train)
+    inputs = {"base model": recipe.base, "task data": recipe.task.data_dir}
+    with RunDirectory(recipe.out_dir, "sft", accelerator, inputs=inputs,
+                      weights_file=ADAPTER_FILE if recipe.method == "lora" else WEIGHTS_FILE) as run_dir:
+        last = _sft(recipe, accelerator, run_dir)
+    accelerator.end_training()
+    return last
+
+
+def _sft(recipe: SFTRecipe, accelerator, run_dir: RunDirectory) -> dict:
     model = load_any(recipe.base)
     if recipe.task.format == "infill":  # what it learns: the model and its adapter say so
         model.config = dataclasses.replace(model.config, fim=True)
@@ -86,14 +97,13 @@ def sft(recipe: SFTRecipe) -> dict:
                      read_weights=read_adapter_weights)
     trainer = Trainer(model=model, train_batches=train_rows,
                       val_batches=validation_sample(val_rows, recipe.train, block_size, world, "task.val_fraction"), train=recipe.train,
-                      log=recipe.log, out_dir=Path(recipe.out_dir), accelerator=accelerator, recipe=recipe,
+                      log=recipe.log, run_dir=run_dir, accelerator=accelerator, recipe=recipe,
                       block_size=block_size, fixed_keys=RUN_KEYS + (ADAPTER_KEYS if recipe.method == "lora" else ()),
                       **hooks)
     last = trainer.run()
     if accelerator.is_main_process and "val_loss" in last:
         print(f"done: step {last['step']}, val loss {last['val_loss']:.4f} (perplexity {math.exp(last['val_loss']):.2f}); "
-              f"{'adapter' if recipe.method == 'lora' else 'model'} in {Path(recipe.out_dir) / 'final'}")
-    accelerator.end_training()
+              f"{'adapter' if recipe.method == 'lora' else 'model'} in {run_dir.final}")
     return last
 
 

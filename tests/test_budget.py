@@ -10,7 +10,8 @@ from codegpt.base import budget
 from codegpt.base.errors import InvalidValue
 from codegpt.base.model import GPT
 from codegpt.base.recipe import LogConfig, PretrainRecipe, TrainConfig
-from codegpt.base.train import Trainer, checkpoint_dirs, learning_rate, make_accelerator
+from codegpt.base.run_dir import RunDirectory
+from codegpt.base.train import Trainer, learning_rate, make_accelerator
 from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 
@@ -39,9 +40,11 @@ def budget_run(out_dir, minutes, max_steps=40):
                             log=LogConfig(wandb="disabled", log_interval=1))
     torch.manual_seed(0)
     val = ListBatches(seed=1, rows=8)
-    trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
-                      recipe.log, out_dir, make_accelerator(train), recipe, block_size=32)
-    return trainer.run(), trainer
+    accelerator = make_accelerator(train)
+    with RunDirectory(out_dir, "pretrain", accelerator) as run_dir:
+        trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
+                          recipe.log, run_dir, accelerator, recipe, block_size=32)
+        return trainer.run(), trainer
 
 
 def test_a_budgeted_run_ends_its_schedule_where_its_plan_ends(tmp_path):
@@ -65,7 +68,7 @@ def test_a_resumed_run_takes_the_recorded_plan_not_a_new_one(tmp_path, monkeypat
     # Killed after the step-6 checkpoint; resumed with another budget, whose plan would differ.
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
-    for path in checkpoint_dirs(cut)[3:]:
+    for path in RunDirectory(cut, "pretrain", None).checkpoints()[3:]:
         shutil.rmtree(path)
     shutil.rmtree(cut / "final")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 6))

@@ -19,7 +19,8 @@ from codegpt.base.checkpoint import load_model
 from codegpt.base.generate import Sampling, banned_ids, token_steps
 from codegpt.base.data.shards import read_index
 from codegpt.base.tokenizer import Tokenizer
-from codegpt.base.train import checkpoint_dirs
+from codegpt.base.run_dir import RunDirectory
+from tests.test_run_dir import ONE_PROCESS, tree
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -124,7 +125,7 @@ def test_a_budget_on_two_ranks_is_planned_once_and_a_resume_in_one_process_keeps
     cut = tmp_path / "cut"
     shutil.copytree(two, cut)
     shutil.rmtree(cut / "final")
-    for path in checkpoint_dirs(cut)[1:]:
+    for path in RunDirectory(cut, "pretrain", None).checkpoints()[1:]:
         shutil.rmtree(path)
     resumed = pretrain(*common, "train.time_budget_minutes=0.001", f"out_dir={cut}")
     assert resumed.returncode == 0, resumed.stderr
@@ -184,6 +185,7 @@ def test_resuming_another_model_is_refused_before_anything_is_written(tmp_path, 
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {out / 'recipe.yaml'}:")
     assert ": model.n_layer is 1 in the run, 2 now" in result.stderr
+    assert "resume=false" not in result.stderr  # it would start over: never what a refusal suggests
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # Dropout is no part of the weights: a run may resume with another.
     resumed = pretrain(*common, "train.max_steps=2", "model.dropout=0.1")
@@ -206,3 +208,50 @@ def test_a_softmax_over_the_data_ids_is_recorded_with_the_model_and_never_sample
     steps = token_steps(model.eval(), [tokenizer.encode("import")], Sampling(temperature=1.0, seed=0),
                         banned_ids(model, tokenizer, "cpu"), tokenizer.eot_id)
     assert {next(steps)[0] for _ in range(50)} <= set(model.active_ids.tolist())
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_killing_the_first_frees_it(tmp_path, data):
+    out = tmp_path / "run"
+    common = [*data, *TINY, "train.checkpoint_interval=2", "train.keep_checkpoints=100", f"out_dir={out}"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "base/pretrain.py"), str(ROOT / "recipes/pretrain-tiny.yaml"),
+                              *common, "train.max_steps=100000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "step-000002").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        second = pretrain(*common, "train.max_steps=4")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"error: {out}: in use by another run (pid {first.pid}: ")
+    assert "base/pretrain.py" in second.stderr and "out_dir=" in second.stderr
+    steps = [int(p.name[len("step-"):]) for p in RunDirectory(out, "pretrain", ONE_PROCESS).checkpoints()]
+    third = pretrain(*common, f"train.max_steps={steps[-1] + 1}")  # no manual step: the kernel dropped the lock
+    assert third.returncode == 0, third.stderr
+    assert f"resumed from {out / f'step-{steps[-1]:06d}'}" in third.stdout and not (out / "run.lock").exists()
+    logged = [r["step"] for r in records(out) if "loss" in r]
+    assert logged == list(range(1, steps[-1] + 2))  # each step once, although the first run went further
+
+
+def test_a_busy_out_dir_is_refused_on_every_rank(tmp_path, data):
+    out = tmp_path / "run"
+    with RunDirectory(out, "pretrain", ONE_PROCESS):
+        before = tree(out)
+        command = [*TWO_RANKS, str(ROOT / "base/pretrain.py"), str(ROOT / "recipes/pretrain-tiny.yaml"), *data, *TINY,
+                   "train.max_steps=2", f"out_dir={out}"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        assert tree(out) == before
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: {out}: in use by another run (pid {os.getpid()}: ") == 2, result.stderr
+
+
+def test_an_out_dir_no_run_may_write_is_refused_before_any_work(tmp_path, data):
+    (tmp_path / "a-file").write_text("mine\n")
+    for out_dir in (tmp_path / "a-file", tmp_path / "a-file" / "run", "/proc/codegpt-run"):
+        result = pretrain(*data, *TINY, "train.max_steps=2", f"out_dir={out_dir}")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {out_dir}: ") and result.stderr.endswith(" (out_dir)\n")
+    assert tree(tmp_path) == {"a-file": b"mine\n"}

@@ -124,6 +124,28 @@ def test_refusals_before_work(setup, override, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_sft_never_writes_over_a_pretraining_run_nor_the_base_inside_it(setup, tmp_path):
+    """The issue's data loss: `base=R/final out_dir=R train.resume=false` on a pretraining run R
+    deleted R/final's model and pruned R's checkpoints. Refused in one line, every file kept, and
+    no refusal suggests train.resume=false."""
+    from tests.test_run_dir import tree
+    from tests.test_train import run_loop
+
+    root, overrides = setup
+    run = tmp_path / "pretraining-run"
+    run_loop(run, max_steps=6)
+    before = tree(run)
+    others = [o for o in overrides if not o.startswith("base=")]
+    for args, names in (([f"base={run / 'final'}", "train.resume=false"], f"holds {run / 'final'}, the base model"),
+                        ([f"base={run / 'final'}"], f"holds {run / 'final'}, the base model"),
+                        ([f"base={root / 'base'}", "train.resume=false"], "holds a pretraining run")):
+        result = sft(*others, *args, f"out_dir={run}", "train.max_steps=1")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {run}: ") and names in result.stderr, result.stderr
+        assert "resume=false" not in result.stderr and "Traceback" not in result.stderr
+        assert tree(run) == before
+
+
 def test_adapter_on_another_base_is_refused(setup, tmp_path):
     root, overrides = setup
     out = root / "lora-for-refusal"

@@ -14,7 +14,8 @@ from codegpt.base.errors import InvalidValue, UserError
 from codegpt.base.model import GPT
 from codegpt.base.recipe import LogConfig, PretrainRecipe, TrainConfig, accumulation_steps
 from codegpt.base.optimizers import Muon, make_optimizers
-from codegpt.base.train import STATE_FILE, Trainer, checkpoint_dirs, learning_rate, make_accelerator, validation_sample
+from codegpt.base.run_dir import STATE_FILE, RunDirectory
+from codegpt.base.train import Trainer, learning_rate, make_accelerator, to_device, validation_sample
 from tests.helpers import ListBatches, comparable, losses, tiny_config
 
 
@@ -85,17 +86,23 @@ def test_accumulation_follows_batch_tokens_and_world_size():
     assert bad.value.key == "batch_tokens"
 
 
-def run_loop(out_dir: Path, max_steps=8, wandb="disabled", optimizer="adamw"):
+def run_loop(out_dir: Path, max_steps=8, wandb="disabled", optimizer="adamw", resume=True):
     train = TrainConfig(batch_tokens=256, micro_batch_size=4, max_steps=max_steps, warmup_steps=2, lr=3e-3,
                         min_lr=3e-4, eval_interval=4, eval_tokens=256, checkpoint_interval=3, keep_checkpoints=2,
-                        optimizer=optimizer)
+                        optimizer=optimizer, resume=resume)
     recipe = PretrainRecipe(out_dir=str(out_dir), model=tiny_config(dropout=0.1), train=train,
                             log=LogConfig(wandb=wandb, log_interval=1))
     torch.manual_seed(0)
     val = ListBatches(seed=1, rows=8)
-    trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
-                      recipe.log, out_dir, make_accelerator(train), recipe, block_size=32)
-    return trainer.run()
+    accelerator = make_accelerator(train)
+    with RunDirectory(out_dir, "pretrain", accelerator) as run_dir:
+        trainer = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
+                          recipe.log, run_dir, accelerator, recipe, block_size=32)
+        return trainer.run()
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    return RunDirectory(out_dir, "pretrain", None).checkpoints()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -143,8 +150,8 @@ def test_muon_under_fp16_loss_scaling_is_refused_naming_the_key(tmp_path):
     accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 on a GPU has
     recipe = PretrainRecipe(out_dir=str(tmp_path), model=tiny_config(), train=train, log=LogConfig(wandb="disabled"))
     with pytest.raises(UserError, match="^train.optimizer: muon steps two optimizers, which fp16 loss scaling"):
-        Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [], train, recipe.log, tmp_path, accelerator,
-                recipe, block_size=32)
+        Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [], train, recipe.log,
+                RunDirectory(tmp_path, "pretrain", accelerator), accelerator, recipe, block_size=32)
     assert not any(tmp_path.iterdir())
 
 
@@ -205,9 +212,11 @@ def test_losses_and_the_gradient_are_per_token_means_over_the_step(tmp_path):
                     (source.next_batch(), source.next_batch())]
     val_batches = [b for source in [MaskedBatches(seed=1, rows=8, labelled=[1, 32])] for b in
                    (source.next_batch(), source.next_batch())]
-    trainer = Trainer(model, MaskedBatches(seed=0, labelled=[32, 2]), lambda: iter(val_batches), train, recipe.log,
-                      tmp_path, make_accelerator(train), recipe, block_size=32)
-    last = trainer.run()
+    accelerator = make_accelerator(train)
+    with RunDirectory(tmp_path, "pretrain", accelerator) as run_dir:
+        trainer = Trainer(model, MaskedBatches(seed=0, labelled=[32, 2]), lambda: iter(val_batches), train, recipe.log,
+                          run_dir, accelerator, recipe, block_size=32)
+        last = trainer.run()
 
     expected_train = per_token_mean(reference, step_batches)
     assert last["loss"] == pytest.approx(expected_train, rel=1e-5)
@@ -231,10 +240,12 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     model = GPT(recipe.model)
     with torch.no_grad():
         model.transformer.wpe.weight[20] = float("nan")
-    trainer = Trainer(model, ListBatches(seed=0, block=16, batch=8), lambda: [], train, recipe.log, tmp_path,
-                      make_accelerator(train), recipe, block_size=16)
-    with pytest.raises(UserError, match=r"^step 1: the weights are not finite \(transformer.wpe.weight\)"):
-        trainer.run()
+    accelerator = make_accelerator(train)
+    with RunDirectory(tmp_path, "pretrain", accelerator) as run_dir:
+        trainer = Trainer(model, ListBatches(seed=0, block=16, batch=8), lambda: [], train, recipe.log, run_dir,
+                          accelerator, recipe, block_size=16)
+        with pytest.raises(UserError, match=r"^step 1: the weights are not finite \(transformer.wpe.weight\)"):
+            trainer.run()
     assert not checkpoint_dirs(tmp_path) and not (tmp_path / "final").exists()
 
 
@@ -264,3 +275,55 @@ def test_validation_is_the_same_batches_every_time_and_a_split_without_one_is_re
     with pytest.raises(UserError, match="^task.val_fraction: the validation split has 7 rows of 32 tokens, fewer "
                                         "than one batch of 4 per process"):
         validation_sample(source, train, block_size=32, world_size=2, where="task.val_fraction")
+
+
+class CopyRecorder(torch.overrides.TorchFunctionMode):
+    """Records the pinning and device copies asked of tensors, and makes them no-ops (this
+    machine may have no GPU to copy to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.pin_memory, torch.Tensor.to):
+            self.calls.append((func.__name__, args[1:], kwargs))
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def test_batches_go_to_a_gpu_from_pinned_memory_without_blocking_and_stay_as_they_are_on_a_cpu():
+    batch = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    cuda = torch.device("cuda")
+    with CopyRecorder() as recorder:
+        moved = to_device(batch, cuda)
+    assert recorder.calls == [("pin_memory", (), {}), ("to", (cuda,), {"non_blocking": True})] * 2
+    assert len(moved) == 2
+    with CopyRecorder() as recorder:
+        to_device(batch, torch.device("cpu"))
+    assert recorder.calls == [("to", (torch.device("cpu"),), {})] * 2  # no pinning, a copy the host waits for
+
+
+def test_a_compiled_run_compiles_its_step_once_and_its_evaluation_once(tmp_path):
+    """Two evaluations among four steps: two graphs, the training step's and, at the first
+    evaluation, the forward without gradients in eval mode (the one recompile, for grad mode);
+    nothing after."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    torch._dynamo.reset()
+    counters.clear()
+    guard_failures.clear()
+    train = TrainConfig(batch_tokens=128, micro_batch_size=4, max_steps=4, warmup_steps=1, lr=1e-3, min_lr=1e-4,
+                        eval_interval=2, eval_tokens=128, checkpoint_interval=100, compile=True, mixed_precision="no")
+    recipe = PretrainRecipe(out_dir=str(tmp_path), model=tiny_config(n_layer=1, n_head=2, n_embd=32, dropout=0.1),
+                            train=train, log=LogConfig(wandb="disabled", log_interval=1))
+    val = ListBatches(seed=1, rows=8)
+    accelerator = make_accelerator(train)
+    with RunDirectory(tmp_path, "pretrain", accelerator) as run_dir:
+        last = Trainer(GPT(recipe.model), ListBatches(seed=0), lambda: [val.next_batch() for _ in range(2)], train,
+                       recipe.log, run_dir, accelerator, recipe, block_size=32).run()
+    assert last["step"] == 4 and len([r for r in losses(tmp_path) if "val_loss" in r]) == 2
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    reasons = [reason for failures in guard_failures.values() for reason in failures]
+    assert len(reasons) == 1 and "grad_mode" in str(reasons[0]), reasons
