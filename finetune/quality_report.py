@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from accelerate import PartialState
 
 from codegpt.base.errors import ArgumentParser, cli_entry, positive_int
+from codegpt.base.fileio import atomic_write_text
+from codegpt.base.outputs import check_output
 from codegpt.base.quality import describe, parse_rate, validation_loss
 from codegpt.base.tokenizer import Tokenizer
 from codegpt.finetune.adapter import load_for_inference
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", help="token shards whose validation split to score")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
+    if args.json:
+        inputs = {"model": args.model, "adapter": args.adapter, "shards": args.shards}
+        check_output(args.json, command="codegpt quality", kind="file", inputs={k: v for k, v in inputs.items() if v},
+                     foreign=_not_report, key="--json")
     model, description = load_for_inference(args.model, args.adapter, device=PartialState().device)
     report = parse_rate(model, Tokenizer(), args.samples, args.max_new_tokens, args.seed)
     print(description)
@@ -40,8 +47,18 @@ def main(argv: list[str] | None = None) -> None:
               f"{report['validation']['perplexity']:.1f}) over {report['validation']['tokens']:,} held-out tokens")
     print(describe(report, args.show))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+
+
+def _not_report(path: Path) -> str | None:
+    """Why an existing --json is not an earlier report of this command (which it replaces)."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        document = None
+    if isinstance(document, dict) and {"samples", "parsable", "rate"} <= document.keys():
+        return None
+    return "exists and is not a report of codegpt quality; name a new file"
 
 
 if __name__ == "__main__":

@@ -44,3 +44,17 @@ def test_validation_loss_covers_every_held_out_window_once(tmp_path, tiny_model)
     assert result["tokens"] == 5 * 32
     assert abs(result["val_loss"] - sum(per_window) / 5) < 1e-5
     assert abs(result["perplexity"] - math.exp(result["val_loss"])) < 1e-6 * result["perplexity"]
+
+
+def test_the_report_command_writes_its_json_and_replaces_only_its_own(tmp_path):
+    from codegpt.base.checkpoint import save_model
+    from codegpt.finetune.quality_report import main
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "model", GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)))
+    out = tmp_path / "report.json"
+    for seed in ("0", "1"):  # the second run replaces the first run's report
+        main([str(tmp_path / "model"), "-k", "2", "--max-new-tokens", "4", "--seed", seed, "--json", str(out)])
+        report = json.loads(out.read_text())
+        assert report["samples"] == 2 and len(report["texts"]) == 2 and report["sampling"]["seed"] == int(seed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "report.json"]
