@@ -1,48 +1,53 @@
-"""The inference server: a JSON API over one loaded model, and the page that uses it.
+"""The inference server: the OpenAI completions API, CodeGPT's own JSON API and the page, all
+decoding through one scheduler that batches concurrent requests into the rows of one KV cache
+(serve/scheduler.py), with a base and any number of its adapters served at once.
 
-    GET  /          the page (serve/static/index.html)
-    GET  /health    liveness
-    GET  /info      model, parameters, adapter, tokenizer, device, limits
-    GET  /presets   prompt formats of the tasks (free completion, docstring, bug fix)
-    POST /generate  {"prompt", "suffix", "max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed",
-                    "stream"}: streams server-sent events when "stream" is true, else returns the text.
-                    With "suffix", the prompt is the code before a hole and the text its middle (fill in
-                    the middle); a model not trained for it answers with a "warning".
+    GET  /                the page (serve/static/index.html), which calls /v1/completions
+    GET  /health          liveness
+    GET  /info            models, parameters, tokenizer, device, slots, limits, the decoding step's graph
+    GET  /presets         prompt formats of the tasks (free completion, docstring, bug fix, fill in the middle)
+    GET  /v1/models       the base and every adapter (serve/openai_api.py)
+    POST /v1/completions  OpenAI's completions, streamed or not
+    POST /generate        {"prompt", "suffix", "model", "max_new_tokens", "temperature", "top_k", "top_p",
+                          "stop", "seed", "stream"}: CodeGPT's own API, kept for its callers
 
-Requests queue for the one model (a lock: one generation at a time, the rest wait); a client
-that disconnects, streaming or not, stops its generation (one that gave up while queued never
-starts one). Bad JSON and out-of-range values get 400 naming the field; bodies over the limit get
-413, whether they declare their length or arrive chunked.
+A client that disconnects, streaming or not, stops its sequences (queued ones never start).
+Bodies over the limit get 413, whether they declare their length or arrive chunked; bodies that
+are not UTF-8 or not JSON, nested too deeply or holding too long a number, and out-of-range values
+get 400 naming the field, each API in its own error format.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from dataclasses import asdict, dataclass
+from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
-from codegpt.base.generate import not_trained_for_infilling, stream
-from codegpt.base.sampling import BadOption, Sampling
+from codegpt.base.generate import banned_ids, not_trained_for_infilling
 from codegpt.base.model import GPT
+from codegpt.base.sampling import BadOption, Sampling
+from codegpt.base.slots import RowAdapters, SlotEngine
 from codegpt.base.tokenizer import Tokenizer
+from codegpt.serve import openai_api
+from codegpt.serve.scheduler import QueueFull, Request, Sequence
+from codegpt.serve.serving import BadBody, Limits, ServedModel, Serving, read_json
 from codegpt.tasks.humaneval import STOP as HUMANEVAL_STOP
 from codegpt.tasks.registry import TASKS, bugfix_prompt
 
 STATIC = Path(__file__).with_name("static")
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 64 * 1024
-    max_prompt_tokens: int = 768
-    max_new_tokens: int = 512
+def default_slots(device) -> int:
+    """Rows decoded together. On a CPU, 8: aggregate throughput still grows beyond it, but each
+    client's time between tokens grows with every row (bench/serve_load.py); a GPU's step costs
+    about the same for 64 rows as for one."""
+    return 64 if str(device).startswith("cuda") else 8
 
 
 class GenerateRequest(BaseModel):
@@ -50,6 +55,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str
     suffix: str | None = None  # fill in the middle: the code after the hole
+    model: str | None = None  # a served name; the base by default
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.8, ge=0.0, le=10.0)
     top_k: int | None = Field(None, ge=1)
@@ -60,8 +66,17 @@ class GenerateRequest(BaseModel):
 
 
 class _BadField(Exception):
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
+    def __init__(self, field: str | None, message: str, status: int = 400):
+        self.field, self.message, self.status = field, message, status
+
+
+def native_error(message: str, field: str | None = None) -> dict:
+    return {"error": message, "field": field}
+
+
+def error_for(path: str, message: str) -> dict:
+    """A body-level error (no field) in the format of the API `path` belongs to."""
+    return openai_api.error_body(message) if path.startswith("/v1/") else native_error(message)
 
 
 class BodyLimit:
@@ -77,7 +92,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+            return await self._reject(scope, send)
         body = bytearray()
         while True:
             message = await receive()
@@ -85,7 +100,7 @@ class BodyLimit:
                 break
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                return await self._reject(send)
+                return await self._reject(scope, send)
             if not message.get("more_body", False):
                 message = {"type": "http.request", "body": bytes(body), "more_body": False}
                 break
@@ -100,8 +115,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send):
-        body = json.dumps({"error": f"request body exceeds {self.max_bytes} bytes", "field": None}).encode()
+    async def _reject(self, scope, send):
+        body = json.dumps(error_for(scope["path"], f"request body exceeds {self.max_bytes} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -124,30 +139,45 @@ def presets() -> dict:
     }
 
 
-def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Limits()) -> FastAPI:
-    app = FastAPI(title="CodeGPT", docs_url=None, redoc_url=None)
-    lock = asyncio.Lock()
-    block = model.config.block_size
-    info = {**info, "tokenizer": tokenizer.name, "block_size": block, "fim": model.config.fim, "limits": asdict(limits)}
-    infill_warning = not_trained_for_infilling(model)
+def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Limits(), *, name: str = "base",
+               adapters: list[ServedModel] = (), row_adapters: RowAdapters | None = None, slots: int | None = None,
+               graphs: bool = True):
+    """The server for `model`, served as `name`, and its `adapters` (attached to it with
+    finetune.multi_lora.attach_adapters, which gave `row_adapters`). The decoding step is
+    captured here, once, on a GPU."""
+    device = model.transformer.wte.weight.device
+    slots = slots or default_slots(device)
+    model.eval()
+    engine = SlotEngine(model, slots, banned_ids(model, tokenizer, device), tokenizer.eot_id, graphs, row_adapters)
+    served = [ServedModel(name, 0, model.config.fim), *adapters]
+    serving = Serving(model, tokenizer, engine, served, limits)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"][1:] if p != "body") or None
-        if first["type"] == "json_invalid":
-            return JSONResponse({"error": f"invalid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                                 "field": None}, status_code=400)
-        return JSONResponse({"error": f"{field}: {first['msg']}" if field else first["msg"], "field": field},
-                            status_code=400)
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        serving.scheduler.close()
+
+    app = FastAPI(title="CodeGPT", docs_url=None, redoc_url=None, lifespan=lifespan)
+    block = model.config.block_size
+    info = {**info, "tokenizer": tokenizer.name, "block_size": block, "fim": model.config.fim,
+            "models": [asdict(m) for m in served], "slots": slots, "limits": asdict(limits),
+            "graph_capture_s": engine.capture_seconds}
+    app.include_router(openai_api.router(serving))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, error: HTTPException):
+        return JSONResponse(error_for(request.url.path, str(error.detail)), status_code=error.status_code)
 
     @app.exception_handler(_BadField)
-    async def bad_field(request: Request, error: _BadField):
-        return JSONResponse({"error": f"{error.field}: {error.message}", "field": error.field}, status_code=400)
+    async def bad_field(request: HTTPRequest, error: _BadField):
+        message = f"{error.field}: {error.message}" if error.field else error.message
+        return JSONResponse(native_error(message, error.field), status_code=error.status)
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    async def health():  # as llama.cpp's server reports its slots
+        idle = engine.free_rows
+        return {"status": "ok", "slots_idle": idle, "slots_processing": slots - idle,
+                "queued": serving.scheduler.waiting}
 
     @app.get("/info")
     async def get_info():
@@ -161,58 +191,68 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
     async def page():
         return FileResponse(STATIC / "index.html")
 
-    def sampling_of(body: GenerateRequest) -> tuple[Sampling, int]:
+    async def generate_request(http_request: HTTPRequest) -> GenerateRequest:
+        try:
+            document = await read_json(http_request)
+        except BadBody as bad:
+            raise _BadField(None, str(bad)) from None
+        if not isinstance(document, dict):
+            raise _BadField(None, "the body must be a JSON object")
+        try:
+            return GenerateRequest.model_validate(document)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or None
+            raise _BadField(field, first["msg"]) from None
+
+    def sampling_of(body: GenerateRequest) -> Sampling:
         if body.max_new_tokens > limits.max_new_tokens:
             raise _BadField("max_new_tokens", f"at most {limits.max_new_tokens}, got {body.max_new_tokens}")
-        prompt_tokens = len(tokenizer.encode(body.prompt)) + len(tokenizer.encode(body.suffix or ""))
-        if prompt_tokens > limits.max_prompt_tokens:
-            field = "prompt" if body.suffix is None else "suffix"
-            raise _BadField(field, f"{prompt_tokens} tokens{' with the prompt' if body.suffix else ''}, at most "
-                                   f"{limits.max_prompt_tokens}")
         sampling = Sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p, list(body.stop), body.seed)
         try:
             sampling.validate()  # what the schema's bounds cannot say: a seed torch takes, a usable temperature
         except BadOption as bad:
             raise _BadField(bad.field, bad.message) from None
-        return sampling, prompt_tokens
-
-    async def pieces(request: Request, prompt: str, suffix: str | None, sampling: Sampling):
-        """The completion's pieces, decoded one step at a time while the client is still there:
-        the model is held only for a client that waits for the answer."""
-        async with lock:
-            steps = stream(model, tokenizer, [prompt], sampling, [suffix])
-            step = None
-            try:
-                while not await request.is_disconnected():
-                    step = asyncio.ensure_future(run_in_threadpool(next, steps, None))
-                    event = await asyncio.shield(step)
-                    if event is None:
-                        return
-                    yield event[1]
-            finally:
-                # A cancelled client leaves one step running in its thread: let it finish before
-                # the generator closes and the next request gets the model.
-                if step is not None and not step.done():
-                    await asyncio.wait([step])
-                steps.close()
+        return sampling
 
     @app.post("/generate")
-    async def post_generate(body: GenerateRequest, request: Request):
-        sampling, prompt_tokens = sampling_of(body)
-        warning = infill_warning if body.suffix is not None else None
+    async def post_generate(http_request: HTTPRequest):
+        body = await generate_request(http_request)
+        sampling = sampling_of(body)
+        target = serving.models.get(body.model or name)
+        if target is None:
+            raise _BadField("model", f"no model {body.model!r} is served here (GET /v1/models lists them)", 404)
+        ids = serving.prompt_ids(body.prompt, body.suffix, sampling.max_new_tokens)
+        if len(ids) > limits.max_prompt_tokens:
+            field = "prompt" if body.suffix is None else "suffix"
+            raise _BadField(field, f"{len(ids)} tokens{' with the prompt' if body.suffix else ''}, at most "
+                                   f"{limits.max_prompt_tokens}")
+        warning = None if body.suffix is None or target.fim else not_trained_for_infilling(model)
+        request = Request([Sequence(0, ids, sampling, target.adapter)])
+        try:
+            serving.scheduler.submit(request)
+        except QueueFull:
+            raise _BadField(None, f"the server's queue is full ({limits.max_queue} completions waiting); "
+                                  "try again shortly", 429) from None
         if not body.stream:
-            text = "".join([piece async for piece in pieces(request, body.prompt, body.suffix, sampling)])
-            return {"text": text, "prompt_tokens": prompt_tokens, **({"warning": warning} if warning else {})}
+            events = [event async for event in serving.events(request, http_request, watch=True)]
+            if any(event.finish_reason == "error" for event in events):
+                raise _BadField(None, "the server failed while decoding (its log says why)", 500)
+            text = "".join(event.text for event in events)
+            return {"text": text, "prompt_tokens": len(ids), **({"warning": warning} if warning else {})}
 
-        async def events():
+        async def sse():
             if warning:
                 yield f"event: warning\ndata: {json.dumps({'warning': warning})}\n\n"
-            async for piece in pieces(request, body.prompt, body.suffix, sampling):
-                yield f"data: {json.dumps({'text': piece})}\n\n"
-            if not await request.is_disconnected():
-                yield f"event: done\ndata: {json.dumps({'prompt_tokens': prompt_tokens})}\n\n"
+            async for event in serving.events(request, http_request, watch=False):
+                if event.finish_reason == "error":
+                    yield f"event: error\ndata: {json.dumps(native_error('the server failed while decoding'))}\n\n"
+                    return
+                if event.text:
+                    yield f"data: {json.dumps({'text': event.text})}\n\n"
+            yield f"event: done\ndata: {json.dumps({'prompt_tokens': len(ids)})}\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return BodyLimit(app, limits.max_body_bytes)

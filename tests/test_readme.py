@@ -69,20 +69,21 @@ def check_commands(text: str) -> None:
         # `codegpt merge ADAPTER OUT`, `codegpt convert SOURCE OUT`
         output = words[3] if words[:2] in (["codegpt", "merge"], ["codegpt", "convert"]) else None
         for word in words[1:]:
-            run = run_dir(word)
+            run = run_dir(word.split("=", 1)[-1])  # `--adapter NAME=PATH` too
             if run and word != output:
                 assert run in made, f"{line}: {run} is made by no command before"
-        if "--adapter" in words and "--model" in words:
-            adapter = run_dir(words[words.index("--adapter") + 1])
-            base = made[adapter].get("base")
-            assert base == words[words.index("--model") + 1], f"{line}: the adapter was trained on {base}"
+        if words[:2] == ["codegpt", "serve"]:  # codegpt serve BASE --adapter NAME=PATH ...
+            for flag, value in zip(words, words[1:]):
+                if flag == "--adapter":
+                    base = made[run_dir(value.split("=", 1)[-1])].get("base")
+                    assert base == words[2], f"{line}: the adapter {value} was trained on {base}"
         if output and run_dir(output):
             made[run_dir(output)] = {}
 
 
 def test_the_reading_finds_the_commands():
     found = [" ".join(words) for words in commands((ROOT / "README.md").read_text())]
-    assert any("codegpt serve --model" in line for line in found)
+    assert any(line.startswith("codegpt serve checkpoints/") and "--adapter docstring=" in line for line in found)
     assert any("codegpt evaluate checkpoints/bugfix-tiny/final" in line for line in found)
     assert any("data.source=files" in line for line in found)
     assert any(line.startswith("codegpt pretrain recipes/") for line in found)

@@ -76,9 +76,11 @@ def sse_text(body: str) -> str:
 
 
 def test_health_info_and_presets(client):
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "slots_idle": 8, "slots_processing": 0, "queued": 0}
     info = client.get("/info").json()
     assert info["tokenizer"] == "cl100k_base" and info["block_size"] == 256 and info["limits"]["max_new_tokens"] == 512
+    assert info["slots"] == 8 and info["models"] == [{"name": "base", "adapter": 0, "fim": False, "parent": None}]
+    assert info["graph_capture_s"] is None  # a CPU decodes eagerly
     presets = client.get("/presets").json()
     assert set(presets) == {"free", "docstring", "bugfix", "infill"}
     assert presets["infill"]["prompt"].count("<FILL-HERE>") == 1
