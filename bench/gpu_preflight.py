@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -344,6 +345,14 @@ def last_lines(log: Path, count: int = 1) -> str:
     return "\n".join(lines[-count:]) if lines else "(no output)"
 
 
+def run_error(log: Path) -> str:
+    """A command's own error (its one-line error, or its traceback's last line), not the launcher's
+    report that it exited."""
+    errors = [line for line in log.read_text(errors="replace").splitlines()
+              if re.match(r"(Error: |[\w.]*(Error|Exception)\b)", line) and "CalledProcessError" not in line]
+    return errors[0][-300:] if errors else last_lines(log)
+
+
 def check_pretrain_command(setup: Setup) -> str:
     """`accelerate launch base/pretrain.py` for 3 steps as users run it, closing quality samples included"""
     shards = local_shards(setup.recipe, setup.work, **COMMAND_DATA[setup.device.type])
@@ -353,7 +362,9 @@ def check_pretrain_command(setup: Setup) -> str:
     eval_tokens = COMMAND_DATA[setup.device.type]["eval_tokens"]
     status = run_logged(pretrain_command(setup.recipe, shards.overrides, run, 3, eval_tokens), log)
     wall = time.perf_counter() - started
-    expect(status == 0, f"exit {status}: {last_lines(log)}")
+    if status != 0:
+        print(last_lines(log, 30))  # the end of the run's output, for the report
+        raise Failed(f"exit {status}: {run_error(log)}")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     expect(len(losses) == 3 and all(math.isfinite(x) for x in losses), f"losses logged: {losses}")

@@ -1,7 +1,9 @@
 """The GPU bench on this CPU: the preflight's smoke run passes (or skips, where only CUDA can
-tell) every check but the pretraining command's, which tests/test_pretrain.py covers; a check that
+tell) every check but the pretraining command's (minutes on 2 cores; tests/test_pretrain.py runs
+the command with its quality samples); a check that
 fails, hangs past its limit (with a process it started) or dies is reported FAIL and stops none of
-the others; the command's shards hold every validation batch, whatever fraction that takes."""
+the others; the command's shards hold every validation batch, whatever fraction that takes, and a
+split without one window says which fraction to raise."""
 
 import json
 import os
@@ -12,17 +14,20 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from codegpt.base.data.loader import BatchLoader
+from codegpt.base.errors import UserError
 from bench import gpu_preflight
 from bench.common import ROOT, SMOKE, local_shards, validation_windows
 
 
 def test_the_smoke_preflight_passes_or_skips_each_check(tmp_path):
     checks = [name for name in gpu_preflight.CHECKS if name != "pretrain_command"]
-    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--preflight", "--smoke", "--sections", "none",
-                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--checks", ",".join(checks)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "bench.gpu", "--preflight", "--smoke", "--sections", "none", "--out",
+               str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--checks", ",".join(checks)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["check"]: row for row in json.loads((tmp_path / "out" / "preflight.json").read_text())["checks"]}
     assert sorted(rows) == sorted(checks)
@@ -114,3 +119,7 @@ def test_the_command_shards_hold_every_validation_batch_whatever_fraction_that_t
     assert validation_windows(shards.shard_dir, 32) == shards.val_rows
     assert f"data.val_fraction={shards.val_fraction:.6g}" in shards.overrides
     assert f"data.shard_dir={shards.shard_dir}" in shards.overrides
+    # A run given a split without a single window is told which fraction to raise.
+    with pytest.raises(UserError, match="the val split has no window of 1000001 tokens; add data, raise "
+                                        r"data\.val_fraction or lower model\.block_size"):
+        BatchLoader(str(shards.shard_dir), "val", 1_000_000, 1)

@@ -40,7 +40,8 @@ class BatchLoader:
                 self.first_window.append(self.first_window[-1] + windows)
         self.num_windows = self.first_window[-1]
         if self.num_windows == 0:
-            raise UserError(f"{shard_dir}: the {split} split has no window of {block_size + 1} tokens; add data "
+            more = "add data, raise data.val_fraction" if split == "val" else "add data"
+            raise UserError(f"{shard_dir}: the {split} split has no window of {block_size + 1} tokens; {more} "
                             "or lower model.block_size")
         self.cursor = 0  # windows handed out so far, over all epochs and ranks
         self._order_epoch, self._order = -1, None
