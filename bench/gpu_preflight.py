@@ -52,7 +52,7 @@ from bench.common import ROOT, fresh, local_shards, pretrain_command, run_logged
 
 GREEDY = Sampling(temperature=0.0)
 # The pretraining command's data and evaluation: 8 validation batches of the 70M recipe on a GPU;
-# on a CPU 4 of the tiny recipe's, from an eighth of the standard library.
+# on a CPU 4 of the tiny recipe's, from the first 500,000 tokens of the standard library.
 COMMAND_DATA = {"cuda": dict(eval_tokens=131_072), "cpu": dict(eval_tokens=16_384, max_tokens=500_000)}
 
 
