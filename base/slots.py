@@ -113,7 +113,7 @@ class SlotEngine:
         config = model.config
         weight = model.transformer.wte.weight
         self.model, self.rows, self.banned, self.eot_id = model, rows, banned, eot_id
-        self.device, self.max_len = weight.device, config.block_size
+        self.device, self.max_len, self.vocab_size = weight.device, config.block_size, config.vocab_size
         self.head_shape = (config.n_head, config.n_embd // config.n_head)
         shape = (rows, config.n_head, self.max_len, config.n_embd // config.n_head)
         self.keys = [torch.zeros(shape, device=self.device, dtype=weight.dtype) for _ in range(config.n_layer)]
@@ -128,7 +128,8 @@ class SlotEngine:
         self.row_adapters = row_adapters
         self.slots: list[Slot | None] = [None] * rows
         self.heads: dict[int | None, Callable] = {}
-        self.replay: Callable[[], None] | None = None
+        self.replay: Callable[[], None] | None = None  # the captured step, and where it writes
+        self.graph_output: torch.Tensor | None = None
         self.capture_seconds: float | None = None
         if graphs and graphs_available(self.device):
             self._capture()
@@ -153,6 +154,8 @@ class SlotEngine:
         if row is None:
             raise RuntimeError(f"all {self.rows} rows are in use")
         tokens = list(prompt[-(self.max_len - 1):]) or [self.eot_id]
+        if outside := [t for t in tokens if not 0 <= t < self.vocab_size]:
+            raise ValueError(f"token id {outside[0]} is outside the model's {self.vocab_size} embeddings")
         slot = Slot(row, Sampler(sampling, self.device), tokens, min_new_tokens=min_new_tokens)
         self.adapter_of_row[row] = adapter
         self._fill(slot, tokens[:-1])

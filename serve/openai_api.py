@@ -149,10 +149,11 @@ class Completions:
         if not prompts:
             raise OpenAIError(400, "prompt: the list is empty", "prompt")
         tokenizer, limit = self.serving.tokenizer, self.serving.limits.max_prompt_tokens
+        vocab = self.serving.model.config.vocab_size
         encoded = []
         for p in prompts:
             if not isinstance(p, str):
-                if bad := [i for i in p if not tokenizer.is_valid(i)]:
+                if bad := [i for i in p if not (tokenizer.is_valid(i) and i < vocab)]:
                     raise OpenAIError(400, f"prompt: {bad[0]} is not a token id of {tokenizer.name}", "prompt")
                 if body.suffix is None:
                     encoded.append(list(p))

@@ -118,8 +118,13 @@ class Scheduler:
     def _step(self, admitted: list[tuple[Request, Sequence]]) -> None:
         for request, sequence in admitted:
             sequence.completion = Completion(self.tokenizer, sequence.sampling)
-            sequence.slot = self.engine.add(sequence.prompt_ids, sequence.sampling, sequence.adapter,
-                                            sequence.min_new_tokens)
+            try:
+                sequence.slot = self.engine.add(sequence.prompt_ids, sequence.sampling, sequence.adapter,
+                                                sequence.min_new_tokens)
+            except Exception as err:  # this prompt alone (ids the model has no row for): the others go on
+                traceback.print_exc(file=sys.stderr)
+                request.emit(Event(sequence.index, f"{type(err).__name__}: {err}", "error"))
+                continue
             self._running[sequence.slot] = (request, sequence)
         for slot, (request, sequence) in list(self._running.items()):
             if sequence.cancelled:

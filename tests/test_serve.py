@@ -262,3 +262,19 @@ def test_a_suffix_fills_the_hole_and_says_when_the_model_was_not_trained_for_it(
     assert streamed.startswith("event: warning") and sse_text(streamed) == expected
     assert "warning" not in client.post("/generate", json={"prompt": "x", "max_new_tokens": 2}).json()
     assert client.get("/info").json()["fim"] is False
+
+
+def test_a_request_the_model_cannot_run_fails_alone(model):
+    """A prompt with ids past a small model's vocabulary fails in the decoding thread: that request
+    gets 500 in the API's format, and a request beside it, and the next, are answered."""
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
+    with Server(make_app(small)) as url:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            bad = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "zebra quokka", "max_new_tokens": 5},
+                              timeout=60)
+            good = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "a = 1", "max_new_tokens": 20},
+                               timeout=60)
+        assert bad.result().status_code == 500 and "failed" in bad.result().json()["error"]
+        assert good.result().status_code == 200
+        assert httpx.post(f"{url}/generate", json={"prompt": "a", "max_new_tokens": 3}, timeout=60).status_code == 200
