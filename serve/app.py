@@ -141,16 +141,19 @@ def presets() -> dict:
 
 def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Limits(), *, name: str = "base",
                adapters: list[ServedModel] = (), row_adapters: RowAdapters | None = None, slots: int | None = None,
-               graphs: bool = True):
+               graphs: bool = True, decode_thread: bool = True):
     """The server for `model`, served as `name`, and its `adapters` (attached to it with
     finetune.multi_lora.attach_adapters, which gave `row_adapters`). The decoding step is
-    captured here, once, on a GPU."""
+    captured here, once, on a GPU. The scheduler (the returned app's `scheduler`) decodes on a
+    thread of its own, or with `decode_thread=False` wherever its `run()` is called."""
     device = model.transformer.wte.weight.device
     slots = slots or default_slots(device)
     model.eval()
     engine = SlotEngine(model, slots, banned_ids(model, tokenizer, device), tokenizer.eot_id, graphs, row_adapters)
     served = [ServedModel(name, 0, model.config.fim), *adapters]
     serving = Serving(model, tokenizer, engine, served, limits)
+    if decode_thread:
+        serving.scheduler.start()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -255,4 +258,6 @@ def create_app(model: GPT, tokenizer: Tokenizer, info: dict, limits: Limits = Li
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return BodyLimit(app, limits.max_body_bytes)
+    wrapped = BodyLimit(app, limits.max_body_bytes)
+    wrapped.scheduler = serving.scheduler
+    return wrapped

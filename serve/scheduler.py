@@ -1,5 +1,6 @@
 """Continuous batching: one thread owns the decoding engine and runs every request's sequences
-together in its rows.
+together in its rows: `run()` on the thread that calls it (`codegpt serve` decodes on its main
+thread), or `start()` on a thread of its own.
 
 A request's sequences (one per prompt and sample) wait in a queue of at most `max_queue` (beyond
 it the request is refused whole: `QueueFull`) until a row is free. Each is then prefilled in its
@@ -72,8 +73,7 @@ class Scheduler:
         self._running: dict[Slot, tuple[Request, Sequence]] = {}
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="codegpt-decode", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     @property
     def waiting(self) -> int:
@@ -95,13 +95,21 @@ class Scheduler:
                 sequence.cancelled = True
             self._waiting = deque(item for item in self._waiting if item[0] is not request)
 
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="codegpt-decode", daemon=True)
+        self._thread.start()
+
     def close(self) -> None:
+        """Stop decoding (safe from a signal handler on the thread that runs it: the lock is
+        reentrant)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Decode until `close()`."""
         while True:
             with self._wake:
                 while not self._waiting and not self._running and not self._closed:

@@ -5,7 +5,10 @@ requests mixing the models equal to each alone, and errors as the client's own e
 (unknown model, bad field, full queue). Bodies the JSON parser cannot take get 400 in each API's
 own error format; `codegpt serve` refuses a port in use and an adapter of another base in one line."""
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,3 +298,32 @@ def test_serve_refuses_an_adapter_of_another_base_naming_its_file(checkpoints, t
                             "--port", port], capsys)
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {checkpoints['docstring'][1]}: this adapter was trained on another base")
+
+
+def test_codegpt_serve_as_a_user_runs_it(checkpoints, alone):
+    """The command: the base and an adapter on a port, answered through the client, then SIGTERM
+    ends it cleanly."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base_dir, adapter = checkpoints["docstring"]
+    process = subprocess.Popen([sys.executable, "-m", "codegpt.serve", str(base_dir), "--adapter",
+                                f"docstring={adapter}", "--port", str(port), "--slots", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [str(base_dir), "docstring"]
+        text = client.completions.create(model="docstring", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+        assert text == alone("docstring", PROMPT, Sampling(16, temperature=0))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert out.startswith(f"serving {base_dir}") and "with adapters docstring" in out
