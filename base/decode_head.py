@@ -97,11 +97,14 @@ def next_token_head(model: GPT, only_top: int | None, banned: torch.Tensor) -> C
     if rank is None:
         return exact
 
+    # A vocabulary with fewer than CANDIDATES allowed ids ranks banned ones too: they are masked again.
+    few_allowed = int((~banned).sum()) < CANDIDATES
+
     def ranked(hidden: torch.Tensor) -> torch.Tensor:
         approx = rank(hidden).masked_fill_(banned, float("-inf"))
         candidates = approx.topk(min(CANDIDATES, approx.shape[1]), dim=-1).indices
         chosen = torch.bmm(weight[candidates], hidden[:, :, None].to(weight.dtype))[..., 0]
-        # A vocabulary with fewer than CANDIDATES allowed ids ranks banned ones too: mask again.
-        return torch.full_like(approx, float("-inf")).scatter_(1, candidates, chosen).masked_fill_(banned, float("-inf"))
+        logits = approx.fill_(float("-inf")).scatter_(1, candidates, chosen)
+        return logits.masked_fill_(banned, float("-inf")) if few_allowed else logits
 
     return ranked

@@ -4,7 +4,8 @@ client.
 For each model, `--slots 1` (one request at a time, as the server was before batching) and the
 default slots, each with 1, 4, 8 and 16 concurrent clients asking for 128-token completions of
 64-token prompts (greedy; vLLM's `min_tokens` holds <|endoftext|> back, so each completion has
-its 128 tokens): aggregate tokens/s, time to first token and time between tokens (p50, p95).
+its 128 tokens), each level run --rounds times: aggregate tokens/s (the median round), time to
+first token and time between tokens (p50, p95 over every round's requests).
 Beside them, `codegpt generate`'s batch-1 greedy path (base/generate.py `token_steps`, in this
 process while no server runs), timed the same way: 128 tokens from the prompt, prefill included.
 
@@ -14,7 +15,7 @@ says it was skipped). `--soak N` sends N requests (default 500) to the 70M with 
 mixing the base and the adapters, streamed and not, one in five abandoned by its client midway,
 and reports the server's RSS after a warm-up and every 50 requests to the end.
 
-    .venv/bin/python -m bench.serve_load [--clients 1 4 8 16] [--soak 500] [--skip-load]
+    .venv/bin/python -m bench.serve_load [--clients 1 4 8 16] [--rounds 3] [--soak 500] [--skip-load]
 """
 
 from __future__ import annotations
@@ -116,23 +117,28 @@ async def completion(client, model: str, prompt: list[int], max_tokens: int, rec
     record.append((arrivals[0] - started, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens))
 
 
-async def load_level(url: str, model: str, clients: int, tokenizer: Tokenizer) -> dict:
-    """`clients` concurrent clients, one 128-token completion each."""
+async def load_level(url: str, model: str, clients: int, tokenizer: Tokenizer, rounds: int) -> dict:
+    """`clients` concurrent clients, one 128-token completion each, `rounds` times: the median
+    aggregate tokens/s, and percentiles over every round's requests."""
     from openai import AsyncOpenAI
 
+    record: list = []
+    rates = []
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
-        record: list = []
-        started = time.perf_counter()
-        await asyncio.gather(*(completion(client, model, prompt_ids(tokenizer, i), NEW_TOKENS, record)
-                               for i in range(clients)))
-        wall = time.perf_counter() - started
+        for _ in range(rounds):
+            this_round: list = []
+            started = time.perf_counter()
+            await asyncio.gather(*(completion(client, model, prompt_ids(tokenizer, i), NEW_TOKENS, this_round)
+                                   for i in range(clients)))
+            rates.append(sum(tokens for _, _, tokens in this_round) / (time.perf_counter() - started))
+            record += this_round
     gaps = [gap for _, between, _ in record for gap in between]
     ttft = [first for first, _, _ in record]
-    return {"tokens_s": sum(tokens for _, _, tokens in record) / wall, "ttft_p50": percentile(ttft, 0.5),
+    return {"tokens_s": statistics.median(rates), "ttft_p50": percentile(ttft, 0.5),
             "ttft_p95": percentile(ttft, 0.95), "tbt_p50": percentile(gaps, 0.5), "tbt_p95": percentile(gaps, 0.95)}
 
 
-def generate_rate(model_dir: Path, tokenizer: Tokenizer, rounds: int = 3) -> float:
+def generate_rate(model_dir: Path, tokenizer: Tokenizer, rounds: int) -> float:
     """`codegpt generate`'s path: token_steps, batch 1, greedy, <|endoftext|> held back, 128
     tokens including the prompt's prefill; median of `rounds`."""
     model = load_any(model_dir).eval()
@@ -151,18 +157,19 @@ def generate_rate(model_dir: Path, tokenizer: Tokenizer, rounds: int = 3) -> flo
     return statistics.median(rates)
 
 
-def load_table(model_dir: Path, label: str, clients: list[int], tokenizer: Tokenizer) -> list[str]:
+def load_table(model_dir: Path, label: str, clients: list[int], tokenizer: Tokenizer, rounds: int) -> list[str]:
     rows = [f"### {label}", "",
-            f"`codegpt generate` batch-1 greedy path: {generate_rate(model_dir, tokenizer):.1f} tokens/s", "",
+            f"`codegpt generate` batch-1 greedy path: {generate_rate(model_dir, tokenizer, rounds):.1f} tokens/s "
+            f"(median of {rounds})", "",
             "| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | between tokens p50 ms | p95 ms |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for slots in ("1", "default"):
         options = ["--slots", "1"] if slots == "1" else []
         with Served(model_dir, *options) as server:
             name = str(model_dir)
-            asyncio.run(load_level(server.url, name, 1, tokenizer))  # warm-up: the int8 head is built
+            asyncio.run(load_level(server.url, name, 1, tokenizer, 1))  # warm-up: the int8 head is built
             for count in clients:
-                r = asyncio.run(load_level(server.url, name, count, tokenizer))
+                r = asyncio.run(load_level(server.url, name, count, tokenizer, rounds))
                 rows.append(f"| --slots {slots} | {count} | {r['tokens_s']:.1f} | {r['ttft_p50']:.2f} | "
                             f"{r['ttft_p95']:.2f} | {r['tbt_p50'] * 1000:.0f} | {r['tbt_p95'] * 1000:.0f} |")
                 print(rows[-1], flush=True)
@@ -249,6 +256,7 @@ def soak(model_dir: Path, base: GPT, root: Path, total: int, tokenizer: Tokenize
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each level (the median tokens/s is shown)")
     parser.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
     parser.add_argument("--skip-load", action="store_true", help="only the soak")
     args = parser.parse_args(argv)
@@ -262,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = Path(tmp) / "seed-70m"
         save_model(model_dir, seed_shape)
         if not args.skip_load:
-            lines += load_table(model_dir, "70M seed shape (random weights), fp32", args.clients, tokenizer)
+            lines += load_table(model_dir, "70M seed shape (random weights), fp32", args.clients, tokenizer,
+                                args.rounds)
             if DEMO.is_dir():
-                lines += load_table(DEMO, f"the demo's model ({DEMO})", args.clients, tokenizer)
+                lines += load_table(DEMO, f"the demo's model ({DEMO})", args.clients, tokenizer, args.rounds)
             else:
                 lines += [f"The demo's model: skipped ({DEMO} does not exist; `make demo` makes it).", ""]
         if args.soak:

@@ -58,12 +58,24 @@ class Request:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
 
-    def emit(self, event: Event) -> None:
-        """From the scheduler's thread."""
+
+
+def deliver(outbox: list[tuple[Request, Event]]) -> None:
+    """Hand events from the scheduler's thread to their requests' event loops: one wake-up of
+    each loop per decoding step, not one per sequence."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = {}
+    for request, event in outbox:
+        by_loop.setdefault(request.loop, []).append((request, event))
+    for loop, events in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            loop.call_soon_threadsafe(_put_all, events)
         except RuntimeError:  # the server's loop has closed: nobody is waiting
             pass
+
+
+def _put_all(events: list[tuple[Request, Event]]) -> None:
+    for request, event in events:
+        request.events.put_nowait(event)
 
 
 class Scheduler:
@@ -124,6 +136,7 @@ class Scheduler:
                 self._fail(admitted, err)
 
     def _step(self, admitted: list[tuple[Request, Sequence]]) -> None:
+        outbox: list[tuple[Request, Event]] = []
         for request, sequence in admitted:
             sequence.completion = Completion(self.tokenizer, sequence.sampling)
             try:
@@ -131,7 +144,7 @@ class Scheduler:
                                                 sequence.min_new_tokens)
             except Exception as err:  # this prompt alone (ids the model has no row for): the others go on
                 traceback.print_exc(file=sys.stderr)
-                request.emit(Event(sequence.index, f"{type(err).__name__}: {err}", "error"))
+                outbox.append((request, Event(sequence.index, f"{type(err).__name__}: {err}", "error")))
                 continue
             self._running[sequence.slot] = (request, sequence)
         for slot, (request, sequence) in list(self._running.items()):
@@ -142,10 +155,11 @@ class Scheduler:
             piece = sequence.completion.push(token)
             if sequence.completion.done:
                 self._leave(slot)
-                request.emit(Event(sequence.index, piece, sequence.completion.finish_reason,
-                                   sequence.completion.tokens))
+                outbox.append((request, Event(sequence.index, piece, sequence.completion.finish_reason,
+                                              sequence.completion.tokens)))
             elif piece:
-                request.emit(Event(sequence.index, piece))
+                outbox.append((request, Event(sequence.index, piece)))
+        deliver(outbox)
 
     def _leave(self, slot: Slot) -> None:
         self.engine.release(slot)
@@ -155,5 +169,5 @@ class Scheduler:
         failed = list(self._running.values()) + [item for item in admitted if item[1].slot is None]
         for slot in list(self._running):
             self._leave(slot)
-        for request, sequence in failed:
-            request.emit(Event(sequence.index, f"{type(err).__name__}: {err}", "error"))
+        deliver([(request, Event(sequence.index, f"{type(err).__name__}: {err}", "error"))
+                 for request, sequence in failed])
