@@ -82,29 +82,44 @@ def ranker_for(weight: torch.Tensor) -> Ranker | None:
     return ranker
 
 
+class RankedHead:
+    """Next-token logits (B, V) from hidden states (B, C): each row's CANDIDATES best ids by the
+    ranking copy get their exact logits, every other id -inf. `top` gives those candidates and
+    logits alone, which is all greedy decoding needs."""
+
+    def __init__(self, rank: Ranker, weight: torch.Tensor, banned: torch.Tensor):
+        self.rank, self.weight, self.banned = rank, weight, banned
+        # A vocabulary with fewer than CANDIDATES allowed ids ranks banned ones too: they are masked again.
+        self.few_allowed = int((~banned).sum()) < CANDIDATES
+
+    def _ranked(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        approx = self.rank(hidden).masked_fill_(self.banned, float("-inf"))
+        candidates = approx.topk(min(CANDIDATES, approx.shape[1]), dim=-1).indices
+        exact = torch.bmm(self.weight[candidates], hidden[:, :, None].to(self.weight.dtype))[..., 0]
+        if self.few_allowed:
+            exact.masked_fill_(self.banned[candidates], float("-inf"))
+        return approx, candidates, exact
+
+    def top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, exact logits), each (B, CANDIDATES)."""
+        _, candidates, exact = self._ranked(hidden)
+        return candidates, exact
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        approx, candidates, exact = self._ranked(hidden)
+        return approx.fill_(float("-inf")).scatter_(1, candidates, exact)  # the ranking's buffer, reused
+
+
 def next_token_head(model: GPT, only_top: int | None, banned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from final hidden states (B, C) to next-token logits (B, V), `banned` ids at
     -inf. `only_top`: the most candidates the sampler looks at (1 for greedy, k for top-k, None
-    for the whole vocabulary); within CANDIDATES, the rows are ranked by `ranker_for`."""
-    weight = model.lm_head.weight
+    for the whole vocabulary); within CANDIDATES, the rows are ranked by `ranker_for` (a
+    `RankedHead`)."""
 
     def exact(hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(hidden).masked_fill(banned, float("-inf"))
 
     if only_top is None or only_top > CANDIDATES or type(model.lm_head) is not Head:
         return exact
-    rank = ranker_for(weight)
-    if rank is None:
-        return exact
-
-    # A vocabulary with fewer than CANDIDATES allowed ids ranks banned ones too: they are masked again.
-    few_allowed = int((~banned).sum()) < CANDIDATES
-
-    def ranked(hidden: torch.Tensor) -> torch.Tensor:
-        approx = rank(hidden).masked_fill_(banned, float("-inf"))
-        candidates = approx.topk(min(CANDIDATES, approx.shape[1]), dim=-1).indices
-        chosen = torch.bmm(weight[candidates], hidden[:, :, None].to(weight.dtype))[..., 0]
-        logits = approx.fill_(float("-inf")).scatter_(1, candidates, chosen)
-        return logits.masked_fill_(banned, float("-inf")) if few_allowed else logits
-
-    return ranked
+    rank = ranker_for(model.lm_head.weight)
+    return exact if rank is None else RankedHead(rank, model.lm_head.weight, banned)

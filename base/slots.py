@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from codegpt.base.decode_head import next_token_head
+from codegpt.base.decode_head import RankedHead, next_token_head
 from codegpt.base.model import GPT
 from codegpt.base.sampling import Sampler, Sampling
 
@@ -187,8 +187,7 @@ class SlotEngine:
         else:
             hidden = self._decode(n, max(slot.length for slot in busy) + 1)
         self._select_adapters(0, n)
-        logits = self._head(busy)(hidden)
-        chosen = self._choose(logits, busy)
+        chosen = self._choose(self._head(busy), hidden, busy)
         for slot, token in zip(busy, chosen):
             slot.length += 1
             slot.generated += 1
@@ -237,10 +236,19 @@ class SlotEngine:
             self.heads[top] = next_token_head(self.model, top, self.banned)
         return self.heads[top]
 
-    def _choose(self, logits: torch.Tensor, busy: list[Slot]) -> list[int]:
-        for slot in busy:
-            if slot.generated < slot.min_new_tokens:
-                logits[slot.row, self.eot_id] = float("-inf")
+    def _choose(self, head: Callable, hidden: torch.Tensor, busy: list[Slot]) -> list[int]:
+        """Each sequence's next token."""
+        held_back = [slot.row for slot in busy if slot.generated < slot.min_new_tokens]  # no <|endoftext|> yet
+        if isinstance(head, RankedHead) and all(slot.sampler.sampling.greedy for slot in busy):
+            # Greedy only: the best of each row's candidates, without the whole vocabulary's logits.
+            candidates, exact = head.top(hidden)
+            if held_back:
+                exact[held_back] = exact[held_back].masked_fill(candidates[held_back] == self.eot_id, float("-inf"))
+            values = candidates.gather(1, exact.argmax(dim=-1, keepdim=True))[:, 0].tolist()
+            return [values[slot.row] for slot in busy]
+        logits = head(hidden)
+        if held_back:
+            logits[held_back, self.eot_id] = float("-inf")
         picks = logits.argmax(dim=-1)
         for slot in busy:
             if not slot.sampler.sampling.greedy:

@@ -132,6 +132,10 @@ def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, mon
         assert kept[row].sum() == (exact[row].isfinite().sum() if ranker == "plain" else decode_head.CANDIDATES)
         assert set(exact[row].topk(50).indices.tolist()) <= set(kept[row].nonzero().flatten().tolist())
     torch.testing.assert_close(greedy[kept], exact[kept])
+    if ranker != "plain":  # greedy decoding reads only each row's candidates and their exact logits
+        candidates, logits = next_token_head(model, 1, banned).top(hidden)
+        torch.testing.assert_close(logits, exact.gather(1, candidates))
+        assert candidates.gather(1, logits.argmax(1, keepdim=True))[:, 0].tolist() == exact.argmax(1).tolist()
 
 
 @pytest.mark.parametrize("ranker", ["int8", "bf16"])

@@ -2,7 +2,7 @@
 full forward's; a sequence decodes the same tokens alone or beside 7 others (greedy, and seeded
 sampling), across a full context too; the fixed-shape step a GPU captures equals the eager one on
 this CPU; a failed capture decodes eagerly after one warning line; `generate` captures once per
-batch size, not once per call or per context refill."""
+batch size, not once per call or per context refill; min_new_tokens holds <|endoftext|> back."""
 
 import pytest
 import torch
@@ -192,3 +192,15 @@ def test_a_full_engine_says_so(model, tokenizer):
     engine.add([1, 2], GREEDY)
     with pytest.raises(RuntimeError, match="all 1 rows are in use"):
         engine.add([3], GREEDY)
+
+
+@pytest.mark.parametrize("neighbour", [None, Sampling(temperature=1.0, seed=0)], ids=["greedy batch", "mixed batch"])
+def test_min_new_tokens_holds_endoftext_back(model, tokenizer, neighbour):
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eot_id] = model.transformer.ln_f(torch.ones(32)) * 50  # it always wins
+    engine = engine_of(model, tokenizer, 2)
+    held = engine.add(tokenizer.encode("x = 1"), GREEDY, min_new_tokens=5)
+    free = engine.add(tokenizer.encode("y = 2"), GREEDY if neighbour is None else neighbour)
+    steps = [dict(engine.step()) for _ in range(6)]
+    assert tokenizer.eot_id not in [step[held] for step in steps[:5]] and steps[5][held] == tokenizer.eot_id
+    assert steps[0][free] == tokenizer.eot_id or neighbour is not None  # without min_new_tokens it ends at once
