@@ -31,7 +31,7 @@ COMMANDS = {
     "evaluate": ("codegpt.finetune.evaluate", "HumanEval pass@k, infilling, bug fixing, a task's examples"),
     "quality": ("codegpt.finetune.quality_report", "share of samples that parse; validation loss"),
     "convert": ("codegpt.base.convert", "convert between CodeGPT, nanoGPT and Hugging Face GPT-2"),
-    "serve": ("codegpt.serve.__main__", "the inference web UI and its JSON API"),
+    "serve": ("codegpt.serve.__main__", "the OpenAI-compatible server and web page: a base and its adapters, batched"),
 }
 ALIASES = {"sample": "generate"}
 LAUNCHED = {"pretrain": "base/pretrain.py", "sft": "finetune/sft.py"}

@@ -68,10 +68,6 @@ class Serving:
         self.models = {served.name: served for served in models}
         self.scheduler = Scheduler(engine, tokenizer, limits.max_queue)
 
-    @property
-    def base(self) -> ServedModel:
-        return next(iter(self.models.values()))
-
     def prompt_ids(self, prompt: str, suffix: str | None, max_new_tokens: int) -> list[int]:
         return prompt_ids(self.tokenizer, self.model.config.block_size, prompt, suffix, max_new_tokens)
 

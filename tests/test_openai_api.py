@@ -29,7 +29,7 @@ from codegpt.finetune.multi_lora import attach_adapters
 from codegpt.serve.app import create_app
 from codegpt.serve.serving import Limits, ServedModel
 from tests.helpers import tiny_config, write_adapter
-from tests.test_serve import Server, count_and_slow_down_decoding
+from tests.test_serve import CHROMIUM, Server, count_and_slow_down_decoding
 
 openai = pytest.importorskip("openai")
 
@@ -86,6 +86,27 @@ def alone(checkpoints, tokenizer):
         return generate(models[name], tokenizer, [prompt], sampling, [suffix])[0]
 
     return run
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_page_offers_the_adapters_and_decodes_with_the_one_chosen(server, alone):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        assert page.eval_on_selector_all("#model option", "options => options.map(o => o.value)") == \
+            ["tiny", "docstring", "bugfix"]
+        page.select_option("#model", "bugfix")
+        page.click("button[data-preset=free]")
+        page.fill("#prompt", PROMPT)
+        page.fill("#temperature", "0")
+        page.fill("#max_new_tokens", "12")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+        assert page.text_content("#output .generated") == alone("bugfix", PROMPT, Sampling(12, temperature=0))
+        browser.close()
 
 
 def test_the_models_are_the_base_and_every_adapter(client):
