@@ -150,9 +150,9 @@ class SlotEngine:
     def add(self, prompt: list[int], sampling: Sampling, adapter: int = 0, min_new_tokens: int = 0) -> Slot:
         """Prefill a free row with `prompt` (its last max_len - 1 tokens; empty: <|endoftext|>);
         the sequence's first token comes from the next `step`."""
-        row = self.slots.index(None) if None in self.slots else None
-        if row is None:
+        if None not in self.slots:
             raise RuntimeError(f"all {self.rows} rows are in use")
+        row = self.slots.index(None)
         tokens = list(prompt[-(self.max_len - 1):]) or [self.eot_id]
         if outside := [t for t in tokens if not 0 <= t < self.vocab_size]:
             raise ValueError(f"token id {outside[0]} is outside the model's {self.vocab_size} embeddings")
