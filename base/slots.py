@@ -128,6 +128,7 @@ class SlotEngine:
         self.row_adapters = row_adapters
         self.slots: list[Slot | None] = [None] * rows
         self.heads: dict[int | None, Callable] = {}
+        self.heads_version = model.lm_head.weight._version
         self.replay: Callable[[], None] | None = None  # the captured step, and where it writes
         self.graph_output: torch.Tensor | None = None
         self.capture_seconds: float | None = None
@@ -232,6 +233,11 @@ class SlotEngine:
         exact when one draws from the whole vocabulary."""
         wanted = [slot.sampler.sampling.candidates for slot in busy]
         top = None if None in wanted else max(wanted)
+        # A ranked head holds a ranking copy of the weight: weights trained or edited in place
+        # since (their version counter moved) need a new one.
+        version = self.model.lm_head.weight._version
+        if version != self.heads_version:
+            self.heads, self.heads_version = {}, version
         if top not in self.heads:
             self.heads[top] = next_token_head(self.model, top, self.banned)
         return self.heads[top]

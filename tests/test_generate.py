@@ -165,3 +165,16 @@ def test_bf16_counts_as_fast_only_where_pytorch_may_use_avx512(monkeypatch, capa
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert decode_head.has_fast_bf16(torch.device("cpu")) is fast
     assert not decode_head.has_fast_bf16(torch.device("meta"))
+
+
+def test_weights_changed_in_place_decode_as_a_fresh_model_does(model, tokenizer):
+    """The engine `generate` keeps between calls, and its ranked head, follow weights trained or
+    edited in place after a first generation (the int8 ranking copy is rebuilt, not reused)."""
+    sampling = Sampling(max_new_tokens=30, temperature=0)
+    before = generate(model, tokenizer, ["def parse(text):\n"], sampling)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(torch.randn_like(model.transformer.wte.weight) * 0.5)
+    fresh = GPT(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    after = generate(model, tokenizer, ["def parse(text):\n"], sampling)
+    assert after == generate(fresh, tokenizer, ["def parse(text):\n"], sampling) and after != before
