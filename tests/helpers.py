@@ -5,13 +5,24 @@ from pathlib import Path
 
 import torch
 
-from codegpt.base.model import GPTConfig
+from codegpt.base.model import GPT, GPTConfig
 
 
 def tiny_config(**overrides) -> GPTConfig:
     settings = dict(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
     settings.update(overrides)
     return GPTConfig(**settings)
+
+
+def varied_model(std: float = 1.0, **overrides) -> GPT:
+    """A tiny model over the real vocabulary (its ids decode) with weights far from init, so that
+    greedy text varies and equal outputs mean something."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**{"vocab_size": 100_352, "n_embd": 32, "n_head": 2, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=std)
+    return model
 
 
 class ListBatches:

@@ -10,25 +10,14 @@ from codegpt.base import decode_head
 from codegpt.base.decode_head import next_token_head
 from codegpt.base.generate import banned_ids, generate, stream
 from codegpt.base.sampling import MAX_SEED, MIN_TEMPERATURE, Sampling, sample_next
-from codegpt.base.tokenizer import Tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import varied_model
 from codegpt.base.model import GPT
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer()
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    # A real vocabulary, so that generated ids decode; weights far from init, so greedy text varies.
-    model = GPT(tiny_config(vocab_size=100_352, block_size=96, n_embd=32, n_head=2)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.5)
-    return model
+    return varied_model(std=0.5, block_size=96)
 
 
 def greedy_by_recomputing(model, tokenizer, prompt, n):

@@ -8,14 +8,10 @@ import torch
 from codegpt.base.checkpoint import save_model
 from codegpt.base.generate import Sampling, generate, infill_ids, stream
 from codegpt.base.model import GPT
-from codegpt.base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Tokenizer
+from codegpt.base.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from tests.helpers import tiny_config
 from codegpt.finetune import sample
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer()
 
 
 def test_the_prompt_is_psm_and_keeps_the_code_nearest_the_hole(tokenizer):

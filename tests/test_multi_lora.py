@@ -6,38 +6,27 @@ naming its file."""
 import json
 
 import pytest
-import torch
 
 from codegpt.base.checkpoint import save_model
 from codegpt.base.convert import load_any
 from codegpt.base.errors import UserError
 from codegpt.base.generate import banned_ids, token_steps
-from codegpt.base.model import GPT
 from codegpt.base.sampling import Sampling
 from codegpt.base.slots import SlotEngine
-from codegpt.base.tokenizer import Tokenizer
 from codegpt.finetune.adapter import load_for_inference
 from codegpt.finetune.lora import LoRAConfig
 from codegpt.finetune.multi_lora import MultiLoRALinear, attach_adapters
-from tests.helpers import tiny_config, write_adapter
+from tests.helpers import varied_model, write_adapter
 
 GREEDY = Sampling(temperature=0)
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [1, 2", "# sort the list\n", "while i < n:"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer()
-
 
 @pytest.fixture(scope="module")
 def base_and_adapters(tmp_path_factory):
     w = tmp_path_factory.mktemp("adapters")
-    torch.manual_seed(0)
-    base = GPT(tiny_config(vocab_size=100_352, block_size=64, n_embd=32, n_head=2)).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(std=1.0)
+    base = varied_model(block_size=64)
     save_model(w / "base", base)
     docstring = write_adapter(w / "docstring", base, w / "base", LoRAConfig(r=4, targets=["c_attn", "c_fc"]), seed=1)
     bugfix = write_adapter(w / "bugfix", base, w / "base", LoRAConfig(r=8, alpha=4.0, targets=["c_proj", "lm_head"]),

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from codegpt.base.checkpoint import save_model
 from codegpt.base.convert import load_any
@@ -28,7 +27,7 @@ from codegpt.finetune.lora import LoRAConfig
 from codegpt.finetune.multi_lora import attach_adapters
 from codegpt.serve.app import create_app
 from codegpt.serve.serving import Limits, ServedModel
-from tests.helpers import tiny_config, write_adapter
+from tests.helpers import tiny_config, varied_model, write_adapter
 from tests.test_serve import CHROMIUM, Server, count_and_slow_down_decoding
 
 openai = pytest.importorskip("openai")
@@ -36,20 +35,12 @@ openai = pytest.importorskip("openai")
 PROMPT = "def parse(text):\n"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer()
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny base (a real vocabulary, weights far from init so that text varies) and two adapters."""
     w = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    base = GPT(tiny_config(vocab_size=100_352, block_size=128, n_embd=32, n_head=2)).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(std=1.0)
+    base = varied_model(block_size=128)
     save_model(w / "base", base)
     docstring = write_adapter(w / "docstring", base, w / "base", LoRAConfig(r=4, targets=["c_attn", "c_fc"]), seed=1)
     bugfix = write_adapter(w / "bugfix", base, w / "base", LoRAConfig(r=8, targets=["c_proj"]), seed=2)

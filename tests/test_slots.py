@@ -9,29 +9,17 @@ import torch
 
 from codegpt.base import slots
 from codegpt.base.generate import banned_ids, generate
-from codegpt.base.model import GPT
 from codegpt.base.sampling import Sampling
 from codegpt.base.slots import SlotEngine
-from codegpt.base.tokenizer import Tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import varied_model
 
 GREEDY = Sampling(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer()
-
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    # A real vocabulary, so that generated ids decode; weights far from init, so greedy text varies.
-    model = GPT(tiny_config(vocab_size=100_352, block_size=64, n_embd=32, n_head=2)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=1.0)
-    return model
+    return varied_model(block_size=64)
 
 
 def engine_of(model, tokenizer, rows):

@@ -2,7 +2,6 @@
 
 import logging
 
-import pytest
 import tiktoken
 
 import codegpt.base.tokenizer as tokenizer_module
@@ -10,10 +9,6 @@ from codegpt.base.tokenizer import PADDED_VOCAB_SIZE, Tokenizer
 
 CODE = 'def héllo(name: str) -> str:\n    """Grüße, 世界 😀"""\n    return f"hi {name}"\n'
 
-
-@pytest.fixture
-def tokenizer():
-    return Tokenizer()
 
 
 def test_falls_back_to_the_offline_file_with_the_same_ids(monkeypatch, caplog):
