@@ -15,6 +15,7 @@ run in this process.
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,7 +57,16 @@ def launch(name: str, args: list[str]) -> int:
     split = next((i for i, arg in enumerate(args) if not arg.startswith("-") and
                   (arg.endswith((".yaml", ".yml")) or ("=" in arg and (i == 0 or not args[i - 1].startswith("-"))))),
                  len(args))
-    launch_command(launch_command_parser().parse_args([*args[:split], str(ROOT / LAUNCHED[name]), *args[split:]]))
+    try:
+        launch_command(launch_command_parser().parse_args([*args[:split], str(ROOT / LAUNCHED[name]), *args[split:]]))
+    except subprocess.CalledProcessError as failed:
+        # The script has printed its own error; accelerate's traceback around it would only bury it.
+        return failed.returncode
+    except Exception as failed:  # torchrun's ChildFailedError, for several processes
+        failures = getattr(failed, "failures", None)
+        if not failures:
+            raise
+        return next(iter(failures.values())).exitcode
     return 0
 
 

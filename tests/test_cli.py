@@ -56,3 +56,14 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     assert {name.split("/")[0] for name in names} == {"codegpt", next(n for n in names if ".dist-info/" in n).split("/")[0]}
     assert {"codegpt/base/model.py", "codegpt/base/data/loader.py", "codegpt/serve/static/index.html",
             "codegpt/cli/__init__.py"} <= set(names)
+
+
+def test_a_launched_command_refusing_its_input_is_one_line_and_exit_2(tmp_path):
+    """`codegpt pretrain` goes through `accelerate launch`, which wraps a failed script in a
+    traceback of its own: the user sees the script's one line and its exit code."""
+    (tmp_path / "a-file").write_text("not a directory\n")
+    refused = codegpt("pretrain", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "recipes/pretrain-tiny.yaml", f"out_dir={tmp_path / 'a-file'}")
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: {tmp_path / 'a-file'}: exists and is not a directory")
