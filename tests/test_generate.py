@@ -14,7 +14,6 @@ from tests.helpers import varied_model
 from codegpt.base.model import GPT
 
 
-
 @pytest.fixture
 def model():
     return varied_model(std=0.5, block_size=96)

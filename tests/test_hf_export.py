@@ -77,7 +77,6 @@ def tempted(model: GPT, lures: dict[int, int], factor: float = 3.0) -> GPT:
     return model
 
 
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, tokenizer):
     """A padded-vocabulary model whose greedy path would, but for the export's suppress_tokens,

@@ -13,7 +13,6 @@ from tests.helpers import tiny_config
 from codegpt.finetune import sample
 
 
-
 def test_the_prompt_is_psm_and_keeps_the_code_nearest_the_hole(tokenizer):
     ids = tokenizer.special_ids
     before, after = tokenizer.encode("a = 1\nb = 2\n"), tokenizer.encode("\nprint(a + b)\n")

@@ -22,7 +22,6 @@ GREEDY = Sampling(temperature=0)
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [1, 2", "# sort the list\n", "while i < n:"]
 
 
-
 @pytest.fixture(scope="module")
 def base_and_adapters(tmp_path_factory):
     w = tmp_path_factory.mktemp("adapters")

@@ -35,7 +35,6 @@ openai = pytest.importorskip("openai")
 PROMPT = "def parse(text):\n"
 
 
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny base (a real vocabulary, weights far from init so that text varies) and two adapters."""

@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = "def add(a, b):\n    return a + b\n"
 
 
-
 def config_for(root: Path, shard_dir: Path, **changes) -> DataConfig:
     settings = dict(source="local", paths=[str(root)], shard_dir=str(shard_dir), val_fraction=0.2,
                     shard_docs=8, num_workers=1)

@@ -16,7 +16,6 @@ from tests.helpers import varied_model
 GREEDY = Sampling(temperature=0)
 
 
-
 @pytest.fixture
 def model():
     return varied_model(block_size=64)

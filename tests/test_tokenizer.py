@@ -10,7 +10,6 @@ from codegpt.base.tokenizer import PADDED_VOCAB_SIZE, Tokenizer
 CODE = 'def héllo(name: str) -> str:\n    """Grüße, 世界 😀"""\n    return f"hi {name}"\n'
 
 
-
 def test_falls_back_to_the_offline_file_with_the_same_ids(monkeypatch, caplog):
     real_get = tiktoken.get_encoding
 
