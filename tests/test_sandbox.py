@@ -139,12 +139,11 @@ print(n)
 
 # As an unprivileged user, in the fallback: the interpreter (under /root, mode 700, here) is made
 # reachable in a mount namespace of its own, then this process becomes `uid` for good and runs
-# the programs given as JSON.
+# the programs given as JSON. /tmp stays the host's: the repository and its venv may live there.
 AS_A_USER = """
 import json, os, sys
 from codegpt.tasks.sandbox_runner import MS_PRIVATE, MS_REC, expose_interpreter, mount
 mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-mount("tmpfs", "/tmp", "tmpfs", 0, "size=64m,mode=1777")
 expose_interpreter(os.path.realpath(sys.base_prefix), os.path.realpath(sys.executable))
 uid, programs = int(sys.argv[1]), json.loads(sys.argv[2])
 os.setgroups([])
