@@ -104,8 +104,7 @@ def token_steps(model: GPT, prompts: list[list[int]], sampling: Sampling, banned
     engine = shared_engine(model, len(prompts), banned, start_id, graphs)
     slots = []
     try:
-        for row, ids in enumerate(prompts):
-            slots.append(engine.add(ids, sampling.nth(row)))
+        slots = engine.add_many([(ids, sampling.nth(row), 0, 0) for row, ids in enumerate(prompts)])
         while True:
             tokens = dict(engine.step())
             yield [tokens[slot] for slot in slots]

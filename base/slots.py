@@ -1,9 +1,9 @@
 """Decoding many sequences at once, in the rows of one KV cache, each row with its own length.
 
 A `SlotEngine` holds the keys and values of `rows` sequences of up to the model's context each. A
-sequence takes a free row (`add`): its prompt is prefilled there alone, with no padding against
-the others, and from the next `step` on it advances one token per step together with every other
-row in use, each with its own sampling options and random generator. `release` frees the row for
+sequence takes a free row (`add`; `add_many` prefills several prompts in one forward, right-padded
+to the longest), and from the next `step` on it advances one token per step together with every
+other row in use, each with its own sampling options and random generator. `release` frees the row for
 the next sequence. A row whose context is full is refilled from its last 3/4 (positions restart
 at 0) before it advances.
 
@@ -11,12 +11,15 @@ The step over the rows has fixed shapes: each row writes its new key and value a
 its length (a tensor) gives, and attends under a mask made from the lengths. On a GPU the step
 is captured once as a CUDA graph when the engine is made and replayed for every token; elsewhere,
 or where capture fails (one warning line), the same step runs eagerly over the rows up to the last
-one in use and the positions written so far. `shared_engine` keeps one engine per model and batch
+one in use and the positions written so far. On a CPU where it is measured faster, the blocks'
+weights are prepacked for MKL at the engine's row count (base/packed_linear.py), and a step with
+at least 3/4 of the rows in use runs them all. `shared_engine` keeps one engine per model and batch
 size between calls, so that `generate` captures once per shape, not once per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import weakref
@@ -27,6 +30,7 @@ import torch
 
 from codegpt.base.decode_head import RankedHead, next_token_head
 from codegpt.base.model import GPT
+from codegpt.base.packed_linear import PackedLinears, available, body_weights, packed_linears
 from codegpt.base.sampling import Sampler, Sampling
 
 
@@ -52,16 +56,16 @@ class Slot:
 
 
 class _PrefillWrite:
-    """A layer's cache while one row is prefilled: stores the prompt's keys and values from the
-    row's start; attention reads this step's alone (causal)."""
+    """A layer's cache while rows are prefilled: stores each prompt's keys and values from its
+    row's start; attention reads this forward's alone (causal)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, row: int):
-        self.keys, self.values, self.row = keys, values, row
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
+        self.keys, self.values, self.rows = keys, values, rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = k.shape[2]
-        self.keys[self.row, :, :end] = k[0]
-        self.values[self.row, :, :end] = v[0]
+        self.keys[self.rows, :, :end] = k
+        self.values[self.rows, :, :end] = v
         return k, v
 
 
@@ -109,7 +113,7 @@ class SlotEngine:
     no graph; it decodes eagerly)."""
 
     def __init__(self, model: GPT, rows: int, banned: torch.Tensor, eot_id: int, graphs: bool = True,
-                 row_adapters: RowAdapters | None = None):
+                 row_adapters: RowAdapters | None = None, packed: bool | None = None):
         config = model.config
         weight = model.transformer.wte.weight
         self.model, self.rows, self.banned, self.eot_id = model, rows, banned, eot_id
@@ -132,6 +136,7 @@ class SlotEngine:
         self.replay: Callable[[], None] | None = None  # the captured step, and where it writes
         self.graph_output: torch.Tensor | None = None
         self.capture_seconds: float | None = None
+        self.packed = self._pack(packed)
         if graphs and graphs_available(self.device):
             self._capture()
 
@@ -147,22 +152,38 @@ class SlotEngine:
         if banned is not self.banned and not torch.equal(banned, self.banned):
             self.banned, self.heads = banned, {}
 
-    @torch.no_grad()
     def add(self, prompt: list[int], sampling: Sampling, adapter: int = 0, min_new_tokens: int = 0) -> Slot:
         """Prefill a free row with `prompt` (its last max_len - 1 tokens; empty: <|endoftext|>);
         the sequence's first token comes from the next `step`."""
-        if None not in self.slots:
-            raise RuntimeError(f"all {self.rows} rows are in use")
-        row = self.slots.index(None)
+        return self.add_many([(prompt, sampling, adapter, min_new_tokens)])[0]
+
+    @torch.no_grad()
+    def add_many(self, sequences: list[tuple[list[int], Sampling, int, int]]) -> list[Slot]:
+        """`add` for several (prompt, sampling, adapter, min_new_tokens) at once: their prompts are
+        prefilled together, in one forward (a matrix product over all their tokens costs less
+        than one per prompt)."""
+        if len(sequences) > self.free_rows:
+            raise RuntimeError(f"all {self.rows} rows are in use" if not self.free_rows else
+                               f"{len(sequences)} sequences for {self.free_rows} free rows")
+        prompts = [self.prompt_tokens(prompt) for prompt, *_ in sequences]
+        free = [row for row, slot in enumerate(self.slots) if slot is None]
+        added = []
+        for row, tokens, (_, sampling, adapter, min_new_tokens) in zip(free, prompts, sequences):
+            added.append(Slot(row, Sampler(sampling, self.device), tokens, min_new_tokens=min_new_tokens))
+            self.adapter_of_row[row] = adapter
+        self._fill(added)
+        for slot in added:
+            self.advance[slot.row] = 1
+            self.slots[slot.row] = slot
+        return added
+
+    def prompt_tokens(self, prompt: list[int]) -> list[int]:
+        """What a row holds of `prompt`: its last max_len - 1 tokens, or <|endoftext|> for an
+        empty one. ValueError for an id outside the model's embeddings."""
         tokens = list(prompt[-(self.max_len - 1):]) or [self.eot_id]
         if outside := [t for t in tokens if not 0 <= t < self.vocab_size]:
             raise ValueError(f"token id {outside[0]} is outside the model's {self.vocab_size} embeddings")
-        slot = Slot(row, Sampler(sampling, self.device), tokens, min_new_tokens=min_new_tokens)
-        self.adapter_of_row[row] = adapter
-        self._fill(slot, tokens[:-1])
-        self.advance[row] = 1
-        self.slots[row] = slot
-        return slot
+        return tokens
 
     def release(self, slot: Slot) -> None:
         if self.slots[slot.row] is slot:
@@ -186,8 +207,10 @@ class SlotEngine:
             self.replay()
             hidden = self.graph_output[:n]
         else:
-            hidden = self._decode(n, max(slot.length for slot in busy) + 1)
-        self._select_adapters(0, n)
+            # Weights packed for every row are faster than the usual path at n rows: run them all.
+            rows = self.rows if self.packed is not None and self.packed.serves(n) else n
+            hidden = self._decode(rows, max(slot.length for slot in busy) + 1)[:n]
+        self._select_adapters(slice(0, n))
         chosen = self._choose(self._head(busy), hidden, busy)
         for slot, token in zip(busy, chosen):
             slot.length += 1
@@ -204,29 +227,51 @@ class SlotEngine:
         index = position.view(n, 1, 1, 1).expand(n, n_head, 1, head_dim)
         mask = (self.positions[:width] <= position)[:, None, None, :]
         writes = [_StepWrite(k, v, index, width) for k, v in zip(self.keys, self.values)]
-        self._select_adapters(0, n)
-        hidden = self.model.cached_hidden_states(self.next_ids[:n], position, mask, writes)[:, -1]
+        self._select_adapters(slice(0, n))
+        packed = self.packed if self.packed is not None and n == self.rows else None
+        if packed is not None:
+            packed.refresh()
+        with packed if packed is not None else contextlib.nullcontext():
+            hidden = self.model.cached_hidden_states(self.next_ids[:n], position, mask, writes)[:, -1]
         self.lengths[:n] += self.advance[:n]
         return hidden
 
-    def _fill(self, slot: Slot, ids: list[int]) -> None:
-        """Write the keys and values of `ids` from the start of the slot's row."""
-        if ids:
-            self._select_adapters(slot.row, slot.row + 1)
-            writes = [_PrefillWrite(k, v, slot.row) for k, v in zip(self.keys, self.values)]
-            self.model.cached_hidden_states(torch.tensor([ids], device=self.device),
-                                            torch.arange(len(ids), device=self.device), None, writes)
-        slot.length = len(ids)
-        self.lengths[slot.row] = len(ids)
+    def _pack(self, packed: bool | None) -> PackedLinears | None:
+        """The blocks' weights prepacked for a step over every row (base/packed_linear.py): where
+        `packed` is None, only if measured faster here; True: wherever MKL can (tests)."""
+        if packed is None:
+            return packed_linears(self.model, self.rows)
+        weights = body_weights(self.model)
+        if packed and self.rows > 1 and weights and all(available(w) for w in weights):
+            return PackedLinears(weights, self.rows)
+        return None
+
+    def _fill(self, slots: list[Slot]) -> None:
+        """Write the keys and values of each slot's tokens but the last (which its first step
+        feeds) from the start of its row. The prompts are right-padded to the longest: a row's
+        positions past its length are masked in every step until the step that writes them."""
+        lengths = [len(slot.tokens) - 1 for slot in slots]
+        filled = [slot for slot, length in zip(slots, lengths) if length]
+        if filled:
+            width = max(lengths)
+            ids = torch.tensor([slot.tokens[:-1] + [0] * (width - len(slot.tokens) + 1) for slot in filled],
+                               device=self.device)
+            rows = torch.tensor([slot.row for slot in filled], device=self.device)
+            self._select_adapters(rows)
+            writes = [_PrefillWrite(k, v, rows) for k, v in zip(self.keys, self.values)]
+            self.model.cached_hidden_states(ids, torch.arange(width, device=self.device), None, writes)
+        for slot, length in zip(slots, lengths):
+            slot.length = length
+            self.lengths[slot.row] = length
 
     def _refill(self, slot: Slot) -> None:
         """A full row starts again from its last 3/4, the token it feeds next included."""
         slot.tokens = slot.tokens[-(self.max_len * 3 // 4):]
-        self._fill(slot, slot.tokens[:-1])
+        self._fill([slot])
 
-    def _select_adapters(self, start: int, end: int) -> None:
+    def _select_adapters(self, rows: slice | torch.Tensor) -> None:
         if self.row_adapters is not None:
-            self.row_adapters.current = self.adapter_of_row[start:end]
+            self.row_adapters.current = self.adapter_of_row[rows]
 
     def _head(self, busy: list[Slot]) -> Callable[[torch.Tensor], torch.Tensor]:
         """The head for this step: ranked to the most candidates any sequence draws from, or

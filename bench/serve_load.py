@@ -6,10 +6,11 @@ default slots, each with 1, 4, 8 and 16 concurrent clients asking for 128-token 
 64-token prompts (greedy; vLLM's `min_tokens` holds <|endoftext|> back, so each completion has
 its 128 tokens), each level run --rounds times: aggregate tokens/s (the median round), time to
 first token and time between tokens (p50, p95 over every round's requests).
-Beside them, `codegpt generate`'s batch-1 greedy path (base/generate.py `token_steps`, in this
-process, the server idle), timed the same way (128 tokens from the prompt, prefill included) in
-rounds alternating with the server's one-client rounds, so that both see the machine alike; and
-the ratio of each level's aggregate tokens/s to --slots 1's.
+Both servers run at once and each level's rounds alternate between them, so that both see the
+machine alike; beside them, `codegpt generate`'s batch-1 greedy path (base/generate.py
+`token_steps`, in this process, the servers idle), timed the same way (128 tokens from the
+prompt, prefill included) in rounds alternating with the servers' one-client rounds; and the
+ratio of each level's aggregate tokens/s to --slots 1's.
 
 Models: the 70M seed shape with random weights (a decoding step costs the same whatever the
 weights' values), and the demo's model if checkpoints/pretrain-cpu/final exists (else the run
@@ -119,23 +120,22 @@ async def completion(client, model: str, prompt: list[int], max_tokens: int, rec
     record.append((arrivals[0] - started, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens))
 
 
-async def load_level(url: str, model: str, clients: int, tokenizer: Tokenizer, rounds: int,
-                     between=lambda i: None) -> dict:
-    """`clients` concurrent clients, one 128-token completion each, `rounds` times (`between(i)`
-    before round i): the median aggregate tokens/s, and percentiles over every round's requests."""
+async def load_round(url: str, model: str, clients: int, tokenizer: Tokenizer) -> tuple[float, list]:
+    """`clients` concurrent clients, one 128-token completion each: the aggregate tokens/s, and
+    each request's (time to first token, gaps between tokens, tokens)."""
     from openai import AsyncOpenAI
 
     record: list = []
-    rates = []
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
-        for round_ in range(rounds):
-            between(round_)
-            this_round: list = []
-            started = time.perf_counter()
-            await asyncio.gather(*(completion(client, model, prompt_ids(tokenizer, i), NEW_TOKENS, this_round)
-                                   for i in range(clients)))
-            rates.append(sum(tokens for _, _, tokens in this_round) / (time.perf_counter() - started))
-            record += this_round
+        started = time.perf_counter()
+        await asyncio.gather(*(completion(client, model, prompt_ids(tokenizer, i), NEW_TOKENS, record)
+                               for i in range(clients)))
+        rate = sum(tokens for _, _, tokens in record) / (time.perf_counter() - started)
+    return rate, record
+
+
+def summary(rates: list[float], record: list) -> dict:
+    """The median round's tokens/s, and percentiles over every round's requests."""
     gaps = [gap for _, gaps_of_one, _ in record for gap in gaps_of_one]
     ttft = [first for first, _, _ in record]
     return {"tokens_s": statistics.median(rates), "ttft_p50": percentile(ttft, 0.5),
@@ -168,32 +168,39 @@ def row(slots: str, count: int, r: dict) -> str:
 
 
 def load_table(model_dir: Path, label: str, clients: list[int], tokenizer: Tokenizer, rounds: int) -> list[str]:
-    """The table for one model. One client's rounds alternate with rounds of `codegpt generate`'s
-    path (the server idle meanwhile), so that both see the machine in the same state."""
+    """The table for one model. Both servers run at once (the idle one waits without using the
+    CPU) and each level's rounds alternate between them, and for one client with rounds of
+    `codegpt generate`'s path, so that every ratio compares rounds that saw the machine alike."""
     generating = Generating(model_dir, tokenizer)
-    rows = ["| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | between tokens p50 ms | p95 ms |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    notes, by_level = [], {}
-    for slots in ("1", "default"):
-        options = ["--slots", "1"] if slots == "1" else []
-        with Served(model_dir, *options) as server:
-            name = str(model_dir)
-            asyncio.run(load_level(server.url, name, 1, tokenizer, 1))  # warm-up: the int8 head is built
-            for count in clients:
-                alone: list[float] = []
-                between = (lambda i: alone.append(generating.rate(i))) if count == 1 else (lambda i: None)
-                r = asyncio.run(load_level(server.url, name, count, tokenizer, rounds, between))
+    name = str(model_dir)
+    results, notes = {}, []
+    with Served(model_dir, "--slots", "1") as one, Served(model_dir) as batched:
+        servers = {"1": one, "default": batched}
+        for server in servers.values():
+            asyncio.run(load_round(server.url, name, 1, tokenizer))  # warm-up: the int8 head is built
+        for count in clients:
+            rates: dict[str, list[float]] = {slots: [] for slots in servers}
+            records: dict[str, list] = {slots: [] for slots in servers}
+            alone = []
+            for round_ in range(rounds):
+                if count == 1:
+                    alone.append(generating.rate(round_))
+                for slots, server in servers.items():
+                    rate, record = asyncio.run(load_round(server.url, name, count, tokenizer))
+                    rates[slots].append(rate)
+                    records[slots] += record
+            for slots in servers:
+                results[slots, count] = summary(rates[slots], records[slots])
+                print(row(slots, count, results[slots, count]), flush=True)
                 if alone:
-                    ours, theirs = r["tokens_s"], statistics.median(alone)
+                    ours, theirs = results[slots, count]["tokens_s"], statistics.median(alone)
                     notes.append(f"- --slots {slots}, 1 client: {ours:.1f} tokens/s against `codegpt generate`'s "
                                  f"batch-1 greedy path {theirs:.1f} in alternating rounds ({ours / theirs - 1:+.1%}).")
-                by_level[slots, count] = r["tokens_s"]
-                rows.append(row(slots, count, r))
-                print(rows[-1], flush=True)
-    for count in clients:
-        if count > 1 and ("1", count) in by_level:
-            notes.append(f"- {count} clients: default slots {by_level['default', count] / by_level['1', count]:.2f}x "
-                         f"the aggregate tokens/s of --slots 1.")
+    rows = ["| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | between tokens p50 ms | p95 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows += [row(slots, count, results[slots, count]) for slots in ("1", "default") for count in clients]
+    notes += [f"- {count} clients: default slots {results['default', count]['tokens_s'] / results['1', count]['tokens_s']:.2f}x "
+              f"the aggregate tokens/s of --slots 1 in alternating rounds." for count in clients if count > 1]
     return [f"### {label}", "", *rows, "", *notes, ""]
 
 

@@ -3,9 +3,9 @@ together in its rows: `run()` on the thread that calls it (`codegpt serve` decod
 thread), or `start()` on a thread of its own.
 
 A request's sequences (one per prompt and sample) wait in a queue of at most `max_queue` (beyond
-it the request is refused whole: `QueueFull`) until a row is free. Each is then prefilled in its
-row, joins the next decoding step, and leaves at its stop, its length or its client's disconnect
-(`cancel`), freeing the row for the next. Its pieces of text reach the request's asyncio queue
+it the request is refused whole: `QueueFull`) until a row is free. Those admitted together are
+prefilled in their rows in one forward; each joins the next decoding step, and leaves at its
+stop, its length or its client's disconnect (`cancel`), freeing the row for the next. Its pieces of text reach the request's asyncio queue
 as `Event`s as they are decoded, the last one with its finish reason.
 """
 
@@ -137,16 +137,21 @@ class Scheduler:
 
     def _step(self, admitted: list[tuple[Request, Sequence]]) -> None:
         outbox: list[tuple[Request, Event]] = []
+        joining = []
         for request, sequence in admitted:
             sequence.completion = Completion(self.tokenizer, sequence.sampling)
             try:
-                sequence.slot = self.engine.add(sequence.prompt_ids, sequence.sampling, sequence.adapter,
-                                                sequence.min_new_tokens)
-            except Exception as err:  # this prompt alone (ids the model has no row for): the others go on
-                traceback.print_exc(file=sys.stderr)
+                self.engine.prompt_tokens(sequence.prompt_ids)
+            except ValueError as err:  # this prompt alone (ids the model has no row for): the others go on
                 outbox.append((request, Event(sequence.index, f"{type(err).__name__}: {err}", "error")))
                 continue
-            self._running[sequence.slot] = (request, sequence)
+            joining.append((request, sequence))
+        if joining:
+            added = self.engine.add_many([(sequence.prompt_ids, sequence.sampling, sequence.adapter,
+                                           sequence.min_new_tokens) for _, sequence in joining])
+            for slot, (request, sequence) in zip(added, joining):
+                sequence.slot = slot
+                self._running[slot] = (request, sequence)
         for slot, (request, sequence) in list(self._running.items()):
             if sequence.cancelled:
                 self._leave(slot)

@@ -126,6 +126,19 @@ def test_decode_head_gives_exact_logits_for_its_candidates(model, tokenizer, mon
         assert candidates.gather(1, logits.argmax(1, keepdim=True))[:, 0].tolist() == exact.argmax(1).tolist()
 
 
+def test_top_indices_by_blocks_are_topks():
+    scores = torch.randn(3, 100_352, generator=torch.Generator().manual_seed(0))
+    scores[0, ::3] = float("-inf")  # banned ids
+    scores[1, :100_300] = float("-inf")  # fewer than 128 allowed ids: the rest are -inf, as topk gives them
+    scores[2, 5_000:5_128] += 10  # the best all in one block
+    expected = scores.topk(128, dim=-1)
+    got = decode_head.top_indices(scores, 128)
+    assert torch.equal(scores.gather(1, got), expected.values)
+    assert torch.equal(got[0], expected.indices[0]) and torch.equal(got[2], expected.indices[2])
+    narrow = scores[:, :1000]  # too narrow for blocks to pay: topk itself
+    assert torch.equal(decode_head.top_indices(narrow, 128), narrow.topk(128, dim=-1).indices)
+
+
 @pytest.mark.parametrize("ranker", ["int8", "bf16"])
 def test_ranked_head_decodes_the_same_tokens_as_the_plain_head(model, tokenizer, monkeypatch, ranker):
     outputs = {}

@@ -6,6 +6,7 @@ naming its file."""
 import json
 
 import pytest
+import torch
 
 from codegpt.base.checkpoint import save_model
 from codegpt.base.convert import load_any
@@ -39,13 +40,17 @@ def alone(model_dir, adapter, prompt, tokenizer, steps):
     return [next(tokens)[0] for _ in range(steps)]
 
 
-def test_each_adapter_in_a_mixed_batch_decodes_what_it_decodes_alone(base_and_adapters, tokenizer):
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="needs MKL"))], ids=["usual", "packed"])
+def test_each_adapter_in_a_mixed_batch_decodes_what_it_decodes_alone(base_and_adapters, tokenizer, packed):
     base_dir, paths = base_and_adapters
     model = load_any(base_dir)
     row_adapters, documents = attach_adapters(model, paths)
     assert len(documents) == 2 and isinstance(model.lm_head, MultiLoRALinear)
     engine = SlotEngine(model.eval(), 3, banned_ids(model, tokenizer, "cpu"), tokenizer.eot_id,
-                        row_adapters=row_adapters)
+                        row_adapters=row_adapters, packed=packed)
+    if packed:  # the adapted layers' base weights are packed too
+        assert len(engine.packed.weights) == 4 * model.config.n_layer
     # Six requests through three rows, leaving at different steps: they join as rows free.
     waiting = [(prompt, i % 3, 8 + 3 * i) for i, prompt in enumerate(PROMPTS)]  # adapter 0: the base alone
     running, got = {}, {}

@@ -21,8 +21,13 @@ def model():
     return varied_model(block_size=64)
 
 
-def engine_of(model, tokenizer, rows):
-    return SlotEngine(model, rows, banned_ids(model, tokenizer, "cpu"), tokenizer.eot_id)
+def engine_of(model, tokenizer, rows, packed=False):
+    return SlotEngine(model, rows, banned_ids(model, tokenizer, "cpu"), tokenizer.eot_id, packed=packed)
+
+
+# Weights prepacked for MKL (base/packed_linear.py), used only where measured faster: forced here.
+mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
+PACKING = [False, pytest.param(True, marks=mkl)]
 
 
 def record_hidden(model, out: list):
@@ -30,9 +35,11 @@ def record_hidden(model, out: list):
     return model.transformer.ln_f.register_forward_hook(lambda module, args, output: out.append(output.detach()))
 
 
-def test_rows_of_different_lengths_compute_what_the_full_forward_computes(model, tokenizer):
+@pytest.mark.parametrize("packed", PACKING, ids=["usual", "packed"])
+def test_rows_of_different_lengths_compute_what_the_full_forward_computes(model, tokenizer, packed):
     prompts = [list(range(300, 309)), [5], list(range(700, 704))]
-    engine = engine_of(model, tokenizer, 3)
+    engine = engine_of(model, tokenizer, 3, packed)
+    assert (engine.packed is not None) == packed
     seen = []
     hook = record_hidden(model, seen)
     try:
@@ -51,11 +58,11 @@ def test_rows_of_different_lengths_compute_what_the_full_forward_computes(model,
                 torch.testing.assert_close(hidden[row], expected, atol=1e-5, rtol=1e-5)
 
 
-def run_beside(model, tokenizer, ours, others, steps, rows):
+def run_beside(model, tokenizer, ours, others, steps, rows, packed=False):
     """The tokens of `ours` (prompt, sampling) decoded for `steps` steps in an engine of `rows`
     rows, while `others` join one per step, each leaving after a few tokens and the next taking
     its row."""
-    engine = engine_of(model, tokenizer, rows)
+    engine = engine_of(model, tokenizer, rows, packed)
     slot = engine.add(*ours)
     waiting, beside, tokens = list(others), [], []
     for step in range(steps):
@@ -81,12 +88,14 @@ def neighbours(tokenizer, count):
 @pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, seed=11),
                                       Sampling(temperature=0.8, top_k=40, top_p=0.95, seed=3)],
                          ids=["greedy", "seeded", "seeded top-k top-p"])
-def test_a_sequence_decodes_the_same_alone_or_beside_seven_others(model, tokenizer, sampling):
+@pytest.mark.parametrize("packed", PACKING, ids=["usual", "packed"])
+def test_a_sequence_decodes_the_same_alone_or_beside_seven_others(model, tokenizer, sampling, packed):
     # 90 tokens from a 20-token prompt overflow the 64-position context: the row is refilled
-    # from its last 3/4 on its own, while the others come and go.
+    # from its last 3/4 on its own, while the others come and go (packed: from 6 rows in use
+    # the step runs all 8, the free ones as padding).
     ours = (tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n"), sampling)
     alone = run_beside(model, tokenizer, ours, [], steps=90, rows=1)
-    beside = run_beside(model, tokenizer, ours, neighbours(tokenizer, 40), steps=90, rows=8)
+    beside = run_beside(model, tokenizer, ours, neighbours(tokenizer, 40), steps=90, rows=8, packed=packed)
     assert len(set(alone)) > 10  # the test is only as good as the text is varied
     assert beside == alone
 
