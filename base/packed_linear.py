@@ -4,7 +4,7 @@ A decoding step over a few rows multiplies a (rows, n_embd) activation by every 
 blocks. At one row MKL takes a matrix-vector path; at a few rows its GEMM first copies the whole
 weight into its blocked layout, on every call. On an AVX2 CPU that copy costs as much as the
 product: the blocks' 40 products of the 70M model at 8 rows took 8.9 ms against 2.2 ms at one
-row. `torch.ops.mkl._mkl_reorder_linear_weight` does the copy once (for a given row count, the
+row (this repository's Xeon capped to AVX2). `torch.ops.mkl._mkl_reorder_linear_weight` does the copy once (for a given row count, the
 path inductor takes for frozen CPU graphs); the same 8 rows then took 4.9 ms.
 
 `PackedLinears` holds those copies and, while active (a `TorchFunctionMode`), routes each
@@ -46,18 +46,22 @@ class PackedLinears(TorchFunctionMode):
         super().__init__()
         self.weights, self.rows, self.min_rows = weights, rows, rows - rows // 4
         self.packed: dict[int, torch.Tensor] = {}
-        self.versions: dict[int, int] = {}
+        self.versions: dict[int, tuple[int, int]] = {}
         self.refresh()
 
     def serves(self, rows: int) -> bool:
         return rows >= self.min_rows
 
     def refresh(self) -> None:
-        """Pack again the weights changed in place since they were packed."""
+        """Pack again the weights changed in place (or given new storage) since they were packed."""
         for weight in self.weights:
-            if self.versions.get(id(weight)) != weight._version:
-                self.packed[id(weight)] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), self.rows)
-                self.versions[id(weight)] = weight._version
+            state = (weight._version, weight.data_ptr())
+            if self.versions.get(id(weight)) != state:
+                if available(weight):
+                    self.packed[id(weight)] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), self.rows)
+                else:  # moved off fp32 on a CPU: the usual path
+                    self.packed.pop(id(weight), None)
+                self.versions[id(weight)] = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -46,13 +46,19 @@ def test_a_lora_layer_over_a_packed_weight_adds_its_product_to_the_packed_one():
     torch.testing.assert_close(ours, usual, atol=1e-4, rtol=1e-5)
 
 
-def test_a_weight_changed_in_place_is_packed_again():
+@pytest.mark.parametrize("change", ["in place", "new storage", "to float64"])
+def test_a_changed_weight_is_packed_again_or_left_to_the_usual_path(change):
     model = varied_model(n_embd=64)
     packed = PackedLinears(body_weights(model), rows=2)
     layer = model.transformer.h[0].mlp.c_proj
     with torch.no_grad():
-        x = torch.randn(2, 1, 4 * 64)
-        layer.weight.mul_(-3)
+        if change == "in place":
+            layer.weight.mul_(-3)
+        elif change == "new storage":
+            layer.weight.data = -3 * layer.weight.data
+        else:
+            layer.double()
+        x = torch.randn(2, 1, 4 * 64, dtype=layer.weight.dtype)
         packed.refresh()
         with packed:
             ours = layer(x)
