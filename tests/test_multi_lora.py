@@ -51,9 +51,12 @@ def test_each_adapter_in_a_mixed_batch_decodes_what_it_decodes_alone(base_and_ad
                         row_adapters=row_adapters, packed=packed)
     if packed:  # the adapted layers' base weights are packed too
         assert len(engine.packed.weights) == 4 * model.config.n_layer
-    # Six requests through three rows, leaving at different steps: they join as rows free.
+    # Six requests through three rows, leaving at different steps: the first three prefilled
+    # together (one forward, each row with its adapter), the others joining as rows free.
     waiting = [(prompt, i % 3, 8 + 3 * i) for i, prompt in enumerate(PROMPTS)]  # adapter 0: the base alone
-    running, got = {}, {}
+    first, waiting = waiting[:3], waiting[3:]
+    added = engine.add_many([(tokenizer.encode(prompt), GREEDY, adapter, 0) for prompt, adapter, _ in first])
+    running, got = dict(zip(added, first)), {}
     while waiting or running:
         while waiting and engine.free_rows:
             prompt, adapter, length = waiting.pop(0)
