@@ -3,14 +3,16 @@
 A decoding step over a few rows multiplies a (rows, n_embd) activation by every weight of the
 blocks. At one row MKL takes a matrix-vector path; at a few rows its GEMM first copies the whole
 weight into its blocked layout, on every call. On an AVX2 CPU that copy costs as much as the
-product: the blocks' 40 products of the 70M model at 8 rows took 8.9 ms against 2.2 ms at one
-row (this repository's Xeon capped to AVX2). `torch.ops.mkl._mkl_reorder_linear_weight` does the copy once (for a given row count, the
-path inductor takes for frozen CPU graphs); the same 8 rows then took 4.9 ms.
+product: the blocks' 40 products of the 70M model at 8 rows took 8.9 ms against 2.2 ms at one row
+(this repository's Xeon capped to AVX2). `torch.ops.mkl._mkl_reorder_linear_weight` does the copy
+once (for a given row count, the path inductor takes for frozen CPU graphs); the same 8 rows then
+took 4.9 ms.
 
 `PackedLinears` holds those copies and, while active (a `TorchFunctionMode`), routes each
 `F.linear` over one of the packed weights (from `nn.Linear` or a LoRA layer alike) to them. A
-weight changed in place (trained, a LoRA merged) is packed again before its next use.
-`packed_linears` makes one only where it is measured faster here, at run time: CPUs differ.
+weight changed in place (trained, a LoRA merged) or given new storage is packed again before its
+next use. `packed_linears` makes one only where it is measured faster here, at run time: CPUs
+differ.
 """
 
 from __future__ import annotations

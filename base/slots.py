@@ -3,18 +3,18 @@
 A `SlotEngine` holds the keys and values of `rows` sequences of up to the model's context each. A
 sequence takes a free row (`add`; `add_many` prefills several prompts in one forward, right-padded
 to the longest), and from the next `step` on it advances one token per step together with every
-other row in use, each with its own sampling options and random generator. `release` frees the row for
-the next sequence. A row whose context is full is refilled from its last 3/4 (positions restart
+other row in use, each with its own sampling options and random generator. `release` frees the row
+for the next sequence. A row whose context is full is refilled from its last 3/4 (positions restart
 at 0) before it advances.
 
-The step over the rows has fixed shapes: each row writes its new key and value at the position
-its length (a tensor) gives, and attends under a mask made from the lengths. On a GPU the step
-is captured once as a CUDA graph when the engine is made and replayed for every token; elsewhere,
-or where capture fails (one warning line), the same step runs eagerly over the rows up to the last
-one in use and the positions written so far. On a CPU where it is measured faster, the blocks'
-weights are prepacked for MKL at the engine's row count (base/packed_linear.py), and a step with
-at least 3/4 of the rows in use runs them all. `shared_engine` keeps one engine per model and batch
-size between calls, so that `generate` captures once per shape, not once per call.
+The step over the rows has fixed shapes: each row writes its new key and value at the position its
+length (a tensor) gives, and attends under a mask made from the lengths. On a GPU the step is
+captured once as a CUDA graph when the engine is made and replayed for every token; elsewhere, or
+where capture fails (one warning line), the same step runs eagerly over the rows up to the last one
+in use and the positions written so far. On a CPU where it is measured faster, the blocks' weights
+are prepacked for MKL at the engine's row count (base/packed_linear.py), and a step with at least
+3/4 of the rows in use runs them all. `shared_engine` keeps one engine per model and batch size
+between calls, so that `generate` captures once per shape, not once per call.
 """
 
 from __future__ import annotations

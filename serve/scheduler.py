@@ -2,11 +2,12 @@
 together in its rows: `run()` on the thread that calls it (`codegpt serve` decodes on its main
 thread), or `start()` on a thread of its own.
 
-A request's sequences (one per prompt and sample) wait in a queue of at most `max_queue` (beyond
-it the request is refused whole: `QueueFull`) until a row is free. Those admitted together are
-prefilled in their rows in one forward; each joins the next decoding step, and leaves at its
-stop, its length or its client's disconnect (`cancel`), freeing the row for the next. Its pieces of text reach the request's asyncio queue
-as `Event`s as they are decoded, the last one with its finish reason.
+A request's sequences (one per prompt and sample) wait in a queue of at most `max_queue` (beyond it
+the request is refused whole: `QueueFull`) until a row is free. Those admitted together are
+prefilled in their rows in one forward; each joins the next decoding step, and leaves at its stop,
+its length or its client's disconnect (`cancel`), freeing the row for the next. Its pieces of text
+reach the request's asyncio queue as `Event`s as they are decoded, the last one with its finish
+reason.
 """
 
 from __future__ import annotations
