@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from codegpt.base.model import GPT, GPTConfig
 
@@ -72,3 +73,15 @@ def write_adapter(directory: Path, base, base_dir: Path, lora, seed: int) -> Pat
     directory.mkdir(parents=True)
     write_adapter_files(directory, model, lora, str(base_dir), weights_hash(base.state_dict()))
     return directory
+
+
+class CountPackedProducts(TorchDispatchMode):
+    """How many products ran through weights prepacked for MKL (base/packed_linear.py) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.mkl._mkl_linear.default
+        return func(*args, **(kwargs or {}))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from codegpt.base import packed_linear
 from codegpt.base.packed_linear import PackedLinears, body_weights, packed_linears
 from codegpt.finetune.lora import LoRAConfig, apply_lora
-from tests.helpers import varied_model
+from tests.helpers import CountPackedProducts, varied_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
 
@@ -25,8 +25,9 @@ def test_packed_products_equal_the_usual_ones_and_leave_the_rest_alone():
         x = torch.randn(4, 1, 64)
         layer = model.transformer.h[0].attn.c_attn
         usual, head_usual = layer(x), model.lm_head(x)
-        with packed:
+        with CountPackedProducts() as products, packed:
             ours, head_ours = layer(x), model.lm_head(x)
+    assert products.count == 1
     torch.testing.assert_close(ours, usual, atol=1e-5, rtol=1e-5)
     assert not torch.equal(ours, torch.zeros_like(ours))
     assert torch.equal(head_ours, head_usual)  # the head's weight is not packed: the usual path, to the bit

@@ -11,7 +11,7 @@ from codegpt.base import slots
 from codegpt.base.generate import banned_ids, generate
 from codegpt.base.sampling import Sampling
 from codegpt.base.slots import SlotEngine
-from tests.helpers import varied_model
+from tests.helpers import CountPackedProducts, varied_model
 
 GREEDY = Sampling(temperature=0)
 
@@ -44,12 +44,14 @@ def test_rows_of_different_lengths_compute_what_the_full_forward_computes(model,
     hook = record_hidden(model, seen)
     try:
         slots_ = [engine.add(p, GREEDY) for p in prompts]
-        for _ in range(6):
-            engine.step()
+        with CountPackedProducts() as products:
+            for _ in range(6):
+                engine.step()
     finally:
         hook.remove()
     steps = [h[:, -1] for h in seen if h.shape[1] == 1 and h.shape[0] == 3]
     assert len(steps) == 6
+    assert products.count == (6 * 4 * model.config.n_layer if packed else 0)
     with torch.no_grad():
         for row, slot in enumerate(slots_):
             for i, hidden in enumerate(steps):
