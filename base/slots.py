@@ -164,7 +164,7 @@ class SlotEngine:
         than one per prompt)."""
         if len(sequences) > self.free_rows:
             raise RuntimeError(f"all {self.rows} rows are in use" if not self.free_rows else
-                               f"{len(sequences)} sequences for {self.free_rows} free rows")
+                               f"{len(sequences)} sequences, but only {self.free_rows} of {self.rows} rows are free")
         prompts = [self.prompt_tokens(prompt) for prompt, *_ in sequences]
         free = [row for row, slot in enumerate(self.slots) if slot is None]
         added = []

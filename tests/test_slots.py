@@ -186,9 +186,14 @@ def test_generate_captures_once_per_batch_size(model, tokenizer, monkeypatch):
 
 
 def test_a_full_engine_says_so(model, tokenizer):
-    engine = engine_of(model, tokenizer, 1)
-    engine.add([1, 2], GREEDY)
-    with pytest.raises(RuntimeError, match="all 1 rows are in use"):
+    engine = engine_of(model, tokenizer, 2)
+    with pytest.raises(RuntimeError, match="^3 sequences, but only 2 of 2 rows are free$"):
+        engine.add_many([([1], GREEDY, 0, 0)] * 3)
+    with pytest.raises(ValueError, match="token id 100352 is outside"):
+        engine.add_many([([1], GREEDY, 0, 0), ([100_352], GREEDY, 0, 0)])
+    assert engine.free_rows == 2  # a refused batch takes no row
+    engine.add_many([([1, 2], GREEDY, 0, 0), ([3], GREEDY, 0, 0)])
+    with pytest.raises(RuntimeError, match="all 2 rows are in use"):
         engine.add([3], GREEDY)
 
 
