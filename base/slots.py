@@ -30,7 +30,7 @@ import torch
 
 from codegpt.base.decode_head import RankedHead, next_token_head
 from codegpt.base.model import GPT
-from codegpt.base.packed_linear import PackedLinears, available, body_weights, packed_linears
+from codegpt.base.packed_linear import packed_linears
 from codegpt.base.sampling import Sampler, Sampling
 
 
@@ -136,7 +136,9 @@ class SlotEngine:
         self.replay: Callable[[], None] | None = None  # the captured step, and where it writes
         self.graph_output: torch.Tensor | None = None
         self.capture_seconds: float | None = None
-        self.packed = self._pack(packed)
+        # The blocks' weights prepacked for a step over every row (base/packed_linear.py): by
+        # default only where measured faster here; True: wherever MKL can (tests); False: never.
+        self.packed = None if packed is False else packed_linears(model, rows, measure=packed is None)
         if graphs and graphs_available(self.device):
             self._capture()
 
@@ -236,27 +238,17 @@ class SlotEngine:
         self.lengths[:n] += self.advance[:n]
         return hidden
 
-    def _pack(self, packed: bool | None) -> PackedLinears | None:
-        """The blocks' weights prepacked for a step over every row (base/packed_linear.py): where
-        `packed` is None, only if measured faster here; True: wherever MKL can (tests)."""
-        if packed is None:
-            return packed_linears(self.model, self.rows)
-        weights = body_weights(self.model)
-        if packed and self.rows > 1 and weights and all(available(w) for w in weights):
-            return PackedLinears(weights, self.rows)
-        return None
-
     def _fill(self, slots: list[Slot]) -> None:
         """Write the keys and values of each slot's tokens but the last (which its first step
         feeds) from the start of its row. The prompts are right-padded to the longest: a row's
         positions past its length are masked in every step until the step that writes them."""
         lengths = [len(slot.tokens) - 1 for slot in slots]
-        filled = [slot for slot, length in zip(slots, lengths) if length]
+        filled = [(slot, length) for slot, length in zip(slots, lengths) if length]
         if filled:
             width = max(lengths)
-            ids = torch.tensor([slot.tokens[:-1] + [0] * (width - len(slot.tokens) + 1) for slot in filled],
+            ids = torch.tensor([slot.tokens[:-1] + [0] * (width - length) for slot, length in filled],
                                device=self.device)
-            rows = torch.tensor([slot.row for slot in filled], device=self.device)
+            rows = torch.tensor([slot.row for slot, _ in filled], device=self.device)
             self._select_adapters(rows)
             writes = [_PrefillWrite(k, v, rows) for k, v in zip(self.keys, self.values)]
             self.model.cached_hidden_states(ids, torch.arange(width, device=self.device), None, writes)

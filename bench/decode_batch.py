@@ -70,5 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {batch} | {fast:.1f} | {plain:.1f} | {fast / plain:.2f}x | {cells} | {'yes' if chosen else 'no'} | "
               f"{equal} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
